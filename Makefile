@@ -1,0 +1,40 @@
+# The two commands of the README: `make run` (the pipeline on the embedded demo data) and
+# `make test`. Both create .venv from pyproject.toml's pins when it is missing or stale.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PORT   ?= 5000
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := true
+
+.PHONY: venv run test lint ui bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	dvc repro
+
+lint: $(STAMP)
+	ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+# The MLflow UI on the project's own store (one worker, no job runner: starts in seconds).
+ui: $(STAMP)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --workers 1 \
+	  --host 127.0.0.1 --port $(PORT) \
+	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlruns/artifacts
+
+bench: $(STAMP)
+	$(PY) scripts/benchmark.py
+
+clean-venv:
+	rm -rf $(VENV)

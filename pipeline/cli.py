@@ -1,0 +1,117 @@
+"""Commands for people: the registry (list, promote, roll back) and one-off predictions.
+
+    python -m pipeline versions
+    python -m pipeline promote 3
+    python -m pipeline rollback
+    python -m pipeline predict photo1.jpg photo2.png [--model champion|<version>]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+DEFAULT_NAME = "food101-resnet50"
+
+
+def _default_name() -> str:
+    """registry.model_name from ./params.yaml when there is one."""
+    try:
+        raw = yaml.safe_load(Path("params.yaml").read_text()) or {}
+        return raw.get("registry", {}).get("model_name") or DEFAULT_NAME
+    except (OSError, yaml.YAMLError, AttributeError):
+        return DEFAULT_NAME
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def cmd_versions(args: argparse.Namespace) -> None:
+    from pipeline import registry
+
+    rows = registry.list_versions(args.name)
+    for r in rows:
+        r["aliases"] = ",".join(r["aliases"])
+    cols = ["version", "aliases", "test_accuracy", "test_macro_f1", "promotion", "created",
+            "run_id"]
+    print(_table(rows, cols) if rows else f"{args.name}: no versions yet")
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from pipeline import registry
+
+    out = registry.promote(args.name, args.version)
+    print(f"{args.name}: champion is now v{out['champion']} "
+          f"(previous-champion: v{out['previous_champion']})")
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from pipeline import registry
+
+    out = registry.rollback(args.name)
+    print(f"{args.name}: rolled back, champion is now v{out['champion']} "
+          f"(previous-champion: v{out['previous_champion']})")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from pipeline import registry
+
+    missing = [f for f in args.files if not Path(f).is_file()]
+    if missing:
+        raise PipelineError(f"no such file(s): {', '.join(missing)}")
+    model = registry.load_model(args.name, args.model)
+    preds = model.predict(pd.DataFrame({"path": [str(Path(f).resolve()) for f in args.files]}))
+    preds.insert(0, "file", args.files)
+    if args.json:
+        print(json.dumps(preds.to_dict(orient="records"), indent=2))
+    else:
+        rows = preds.assign(confidence=preds["confidence"].round(4)).to_dict(orient="records")
+        for r in rows:
+            r["top5"] = ", ".join(f"{lab} {p:.2f}" for lab, p in json.loads(r["top5"]))
+        print(_table(rows, ["file", "label", "confidence", "top5"]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default=_default_name(),
+                        help="registered model name (default: registry.model_name)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("versions", help="list versions with aliases and metrics").set_defaults(
+        func=cmd_versions)
+    p = sub.add_parser("promote", help="make a version the champion")
+    p.add_argument("version", type=int)
+    p.set_defaults(func=cmd_promote)
+    sub.add_parser("rollback", help="give champion back to previous-champion").set_defaults(
+        func=cmd_rollback)
+    p = sub.add_parser("predict", help="label image files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--model", default="champion", help="an alias or a version number")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

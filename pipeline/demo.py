@@ -1,0 +1,394 @@
+"""The embedded synthetic "demo" dataset, written in Food-101's own layout.
+
+Every class is a *recipe*: an object shape x a surface pattern x a hue family, named after
+exactly that (``striped_red_disc``). Several classes share a shape, a pattern or a hue, so no
+single cue gives the class away. Each image adds strong nuisance variation: image size and
+aspect, object position/scale/rotation/stretch, colour jitter, a cluttered random background,
+lighting gradients, brightness/contrast, Gaussian noise and occasional partial occlusion.
+
+Output (``out_dir``)::
+
+    images/<class_name>/<id>.jpg
+    meta/classes.txt  meta/labels.txt  meta/train.txt  meta/test.txt
+
+Generation is deterministic: each image is drawn from its own RNG seeded with
+``(seed, class index, image index)`` and encoded with a fixed, RNG-drawn JPEG quality and no
+metadata, so the same arguments give byte-identical files whatever ``workers`` is.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+log = logging.getLogger(__name__)
+
+# Hue families (centre hue in [0, 1)); every family is used by several classes.
+HUES: dict[str, float] = {
+    "red": 0.00,
+    "orange": 0.075,
+    "yellow": 0.155,
+    "green": 0.33,
+    "blue": 0.60,
+    "purple": 0.77,
+}
+SHAPES = ("disc", "square", "triangle", "ring", "star", "cross")
+PATTERNS = ("solid", "striped", "dotted", "checkered")
+
+# Test images get ids from this offset, so train and test images never share an RNG stream
+# and the train images do not change when test_per_class changes (and vice versa).
+TEST_ID_OFFSET = 1_000_000
+_CHUNK = 50  # images per unit of work handed to a worker process
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What makes a class: its object shape, surface pattern and hue family."""
+
+    pattern: str
+    hue: str
+    shape: str
+
+    @property
+    def name(self) -> str:
+        """The class name, e.g. ``striped_red_disc``."""
+        return f"{self.pattern}_{self.hue}_{self.shape}"
+
+    @property
+    def label(self) -> str:
+        """The human-readable name, e.g. ``Striped red disc``."""
+        return f"{self.pattern} {self.hue} {self.shape}".capitalize()
+
+
+def _recipes() -> tuple[Recipe, ...]:
+    """24 recipes: every (shape, pattern) pair once, each hue family on four classes.
+
+    The order is fixed (``classes=N`` takes the first N) and interleaved so that any prefix
+    mixes all shapes, patterns and hues.
+    """
+    hues = tuple(HUES)
+    out = []
+    for k in range(len(SHAPES) * len(PATTERNS)):
+        row, s = divmod(k, len(SHAPES))
+        shape = SHAPES[s]
+        pattern = PATTERNS[(s + row) % len(PATTERNS)]
+        hue = hues[(s + 2 * row + (row >= 3)) % len(hues)]
+        out.append(Recipe(pattern, hue, shape))
+    return tuple(out)
+
+
+RECIPES: tuple[Recipe, ...] = _recipes()
+MAX_CLASSES = len(RECIPES)
+
+
+def class_names(classes: int) -> list[str]:
+    """The (sorted) class names of a demo dataset with ``classes`` classes."""
+    _check_classes(classes)
+    return sorted(r.name for r in RECIPES[:classes])
+
+
+def _check_classes(classes: int) -> None:
+    if not 1 <= classes <= MAX_CLASSES:
+        raise ValueError(
+            f"demo classes must be between 1 and {MAX_CLASSES} (the maximum: one per "
+            f"built-in recipe), got {classes}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering one image
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255.0
+
+
+def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """Mostly muted clutter colours; one in four is a saturated colour of any hue."""
+    sat = rng.uniform(0.5, 1.0) if rng.random() < 0.25 else rng.uniform(0.0, 0.45)
+    c = _hsv(rng.random(), sat, rng.uniform(0.15, 0.95))
+    return (int(c[0]), int(c[1]), int(c[2]))
+
+
+def _outline(shape: str, n_circle: int = 48) -> list[np.ndarray]:
+    """Polygons (unit size, centred at 0) of ``shape``: [outer, hole?]."""
+    if shape in ("disc", "ring"):
+        t = np.linspace(0.0, 2 * math.pi, n_circle, endpoint=False)
+        outer = np.stack([np.cos(t), np.sin(t)], axis=1)
+        return [outer, outer * 0.55] if shape == "ring" else [outer]
+    if shape == "square":
+        return [np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64) * 0.82]
+    if shape == "triangle":
+        t = -math.pi / 2 + np.arange(3) * 2 * math.pi / 3
+        return [np.stack([np.cos(t), np.sin(t)], axis=1) * 1.1]
+    if shape == "star":
+        t = -math.pi / 2 + np.arange(10) * math.pi / 5
+        r = np.where(np.arange(10) % 2 == 0, 1.1, 0.45)
+        return [np.stack([r * np.cos(t), r * np.sin(t)], axis=1)]
+    if shape == "cross":
+        a, b = 1.0, 0.34
+        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b),
+               (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]  # fmt: skip
+        return [np.array(pts, dtype=np.float64)]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _pattern(pattern: str, u: np.ndarray, v: np.ndarray, period: float) -> np.ndarray:
+    """Soft-edged pattern weight in [0, 1] over object coordinates ``u, v`` (pixels)."""
+    k = 2 * math.pi / period
+    if pattern == "solid":
+        return np.zeros_like(u)
+    if pattern == "striped":
+        return np.clip(np.sin(u * k) * 3.0, -1.0, 1.0) * 0.5 + 0.5
+    if pattern == "checkered":
+        return np.clip(np.sin(u * k) * np.sin(v * k) * 6.0, -1.0, 1.0) * 0.5 + 0.5
+    if pattern == "dotted":
+        du = np.mod(u, period) - period / 2
+        dv = np.mod(v, period) - period / 2
+        d = np.sqrt(du * du + dv * dv)
+        return np.clip((0.3 * period - d) * 1.5 + 0.5, 0.0, 1.0)
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def render(recipe: Recipe, rng: np.random.Generator, min_side: int, max_side: int) -> Image.Image:
+    """Draw one RGB image of ``recipe``; every random choice comes from ``rng``."""
+    w = int(rng.integers(min_side, max_side + 1))
+    h = int(rng.integers(min_side, max_side + 1))
+    side = min(w, h)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+
+    # Background: a two-colour gradient in a random direction, then random clutter.
+    c1 = _hsv(rng.random(), rng.uniform(0.0, 0.4), rng.uniform(0.2, 0.95))
+    c2 = _hsv(rng.random(), rng.uniform(0.0, 0.4), rng.uniform(0.2, 0.95))
+    ang = rng.uniform(0, 2 * math.pi)
+    ramp = (xx * math.cos(ang) + yy * math.sin(ang)) / max(w, h)
+    ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
+    bg = c1 + ramp[..., None] * (c2 - c1)
+    canvas = Image.fromarray(bg.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(2, 8))):
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        rx, ry = rng.uniform(0.04, 0.22, size=2) * side
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=_random_colour(rng))
+    for _ in range(int(rng.integers(1, 7))):
+        x0, x1 = rng.uniform(-0.1, 1.1, size=2) * w
+        y0, y1 = rng.uniform(-0.1, 1.1, size=2) * h
+        width = int(rng.integers(1, max(2, side // 24) + 1))
+        draw.line([(x0, y0), (x1, y1)], fill=_random_colour(rng), width=width)
+    canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 1.2))))
+    bg = np.asarray(canvas, dtype=np.float32)
+
+    # The object: shape mask (2x supersampled), position, scale, rotation, stretch.
+    radius = rng.uniform(0.28, 0.45) * side
+    stretch = math.exp(rng.uniform(-0.3, 0.3))
+    theta = rng.uniform(0, 2 * math.pi)
+    cx = rng.uniform(0.25, 0.75) * w
+    cy = rng.uniform(0.25, 0.75) * h
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    scale = np.array([radius * stretch, radius / stretch])
+    mask_img = Image.new("L", (2 * w, 2 * h), 0)
+    mdraw = ImageDraw.Draw(mask_img)
+    for fill, poly in zip((255, 0), _outline(recipe.shape)):
+        pts = (poly * scale) @ rot.T + (cx, cy)
+        mdraw.polygon([(2 * x, 2 * y) for x, y in pts], fill=fill)
+    mask = np.asarray(mask_img.reduce(2), dtype=np.float32) / 255.0
+
+    # Surface: hue family with jitter; the pattern mixes a lighter and a darker tone.
+    hue = HUES[recipe.hue] + rng.uniform(-0.035, 0.035)
+    sat = rng.uniform(0.55, 1.0)
+    base_v = rng.uniform(0.45, 1.0)
+    primary = _hsv(hue, sat, base_v)
+    if rng.random() < 0.5:
+        secondary = _hsv(hue + rng.uniform(-0.02, 0.02), sat * rng.uniform(0.1, 0.5), 0.95)
+    else:
+        secondary = _hsv(hue + rng.uniform(-0.02, 0.02), sat, base_v * rng.uniform(0.2, 0.5))
+    period = max(4.0, rng.uniform(0.22, 0.45) * radius)
+    pang = theta + rng.uniform(-0.5, 0.5)
+    du, dv = xx - cx, yy - cy
+    u = du * math.cos(pang) + dv * math.sin(pang) + rng.uniform(0, period)
+    v = -du * math.sin(pang) + dv * math.cos(pang) + rng.uniform(0, period)
+    p = _pattern(recipe.pattern, u, v, period)[..., None]
+    shade = 1.0 + rng.uniform(-0.25, 0.25) * (du * math.cos(ang) + dv * math.sin(ang)) / radius
+    obj = (primary + p * (secondary - primary)) * np.clip(shade, 0.5, 1.5)[..., None]
+    img = bg + mask[..., None] * (obj - bg)
+
+    # Occasional partial occlusion by a random-coloured rectangle or blob.
+    if rng.random() < 0.25:
+        occ = Image.new("L", (w, h), 0)
+        odraw = ImageDraw.Draw(occ)
+        ox = cx + rng.uniform(-1.0, 1.0) * radius
+        oy = cy + rng.uniform(-1.0, 1.0) * radius
+        orx, ory = rng.uniform(0.2, 0.5, size=2) * radius
+        box = [ox - orx, oy - ory, ox + orx, oy + ory]
+        colour = _random_colour(rng)
+        if rng.random() < 0.5:
+            odraw.rectangle(box, fill=255)
+        else:
+            odraw.ellipse(box, fill=255)
+        om = np.asarray(occ, dtype=np.float32)[..., None] / 255.0
+        img = img + om * (np.array(colour, dtype=np.float32) - img)
+
+    # Lighting gradient, white balance, brightness/contrast, then sensor noise.
+    lang = rng.uniform(0, 2 * math.pi)
+    lramp = (xx * math.cos(lang) + yy * math.sin(lang)) / max(w, h) - 0.5
+    gain = 1.0 + rng.uniform(0.0, 0.5) * lramp
+    img = img * gain[..., None] * rng.uniform(0.88, 1.12, size=3).astype(np.float32)
+    contrast = rng.uniform(0.7, 1.25)
+    img = (img - 128.0) * contrast + 128.0 + rng.uniform(-25, 25)
+    sigma = rng.uniform(1.0, 6.0)
+    img = img + rng.standard_normal((h, w, 3), dtype=np.float32) * np.float32(sigma)
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+
+
+def encode(img: Image.Image, rng: np.random.Generator) -> bytes:
+    """JPEG bytes with an RNG-drawn quality, fixed settings and no metadata."""
+    buf = io.BytesIO()
+    quality = int(rng.integers(75, 91))
+    img.save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False)
+    return buf.getvalue()
+
+
+def image_bytes(seed: int, class_index: int, image_id: int, min_side: int, max_side: int) -> bytes:
+    """The JPEG file of image ``image_id`` of recipe ``class_index`` (pure function)."""
+    rng = np.random.default_rng([seed, class_index, image_id])
+    img = render(RECIPES[class_index], rng, min_side, max_side)
+    return encode(img, rng)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the dataset
+
+
+def _image_id(index: int) -> str:
+    return f"{index:07d}"
+
+
+def _write_chunk(task: tuple[str, int, int, list[int], int, int]) -> int:
+    """Render and write one chunk of images of one class; returns bytes written."""
+    root, seed, ci, ids, min_side, max_side = task
+    folder = Path(root) / "images" / RECIPES[ci].name
+    total = 0
+    for i in ids:
+        data = image_bytes(seed, ci, i, min_side, max_side)
+        (folder / f"{_image_id(i)}.jpg").write_bytes(data)
+        total += len(data)
+    return total
+
+
+def _chunks(ids: list[int]) -> Iterator[list[int]]:
+    for k in range(0, len(ids), _CHUNK):
+        yield ids[k : k + _CHUNK]
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def generate_demo(
+    out_dir: Path,
+    *,
+    classes: int = 20,
+    train_per_class: int = 750,
+    test_per_class: int = 250,
+    min_side: int = 144,
+    max_side: int = 192,
+    seed: int = 101,
+    workers: int = 2,
+) -> dict:
+    """Write the synthetic demo dataset in Food-101's layout to ``out_dir`` (replacing it).
+
+    Returns a summary: class names, image counts, bytes written and seconds taken.
+    Raises ValueError for impossible arguments (e.g. more classes than the built-in recipes).
+    """
+    _check_classes(classes)
+    if not 1 <= train_per_class < TEST_ID_OFFSET:
+        raise ValueError(f"train_per_class must be in [1, {TEST_ID_OFFSET}), got {train_per_class}")
+    if not 1 <= test_per_class < TEST_ID_OFFSET:
+        raise ValueError(f"test_per_class must be in [1, {TEST_ID_OFFSET}), got {test_per_class}")
+    if min_side < 16 or max_side < min_side:
+        raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    _remove(tmp)
+    recipes = RECIPES[:classes]
+    train_ids = list(range(train_per_class))
+    test_ids = list(range(TEST_ID_OFFSET, TEST_ID_OFFSET + test_per_class))
+    log.info(
+        "Generating demo dataset: %d classes x (%d train + %d test) images, %d-%d px, "
+        "seed %d, %d worker(s) -> %s",
+        classes, train_per_class, test_per_class, min_side, max_side, seed, workers, out_dir,
+    )  # fmt: skip
+    try:
+        for r in recipes:
+            (tmp / "images" / r.name).mkdir(parents=True)
+        tasks = [
+            (str(tmp), seed, ci, chunk, min_side, max_side)
+            for ci in range(classes)
+            for chunk in _chunks(train_ids + test_ids)
+        ]
+        if workers == 1:
+            image_total = sum(map(_write_chunk, tasks))
+        else:
+            # fork where available: no re-import of the caller's __main__ (works from scripts
+            # without a main guard); the workers only use NumPy and Pillow.
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                image_total = sum(pool.map(_write_chunk, tasks))
+
+        ordered = sorted(recipes, key=lambda r: r.name)
+        meta = {
+            "classes.txt": [r.name for r in ordered],
+            "labels.txt": [r.label for r in ordered],
+            "train.txt": [f"{r.name}/{_image_id(i)}" for r in ordered for i in train_ids],
+            "test.txt": [f"{r.name}/{_image_id(i)}" for r in ordered for i in test_ids],
+        }
+        (tmp / "meta").mkdir()
+        meta_total = 0
+        for name, lines in meta.items():
+            data = ("\n".join(lines) + "\n").encode("utf-8")
+            (tmp / "meta" / name).write_bytes(data)
+            meta_total += len(data)
+        _remove(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    seconds = time.perf_counter() - start
+    summary = {
+        "classes": classes,
+        "class_names": meta["classes.txt"],
+        "train_images": classes * train_per_class,
+        "test_images": classes * test_per_class,
+        "images": classes * (train_per_class + test_per_class),
+        "bytes": image_total + meta_total,
+        "seconds": round(seconds, 3),
+        "seed": seed,
+    }
+    log.info(
+        "Demo dataset ready: %d images, %.1f MB in %.1f s (%s)",
+        summary["images"], summary["bytes"] / 1e6, seconds, out_dir,
+    )  # fmt: skip
+    return summary

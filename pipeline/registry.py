@@ -1,0 +1,262 @@
+"""The MLflow Model Registry: versions, aliases and the promotion gate.
+
+One of the two modules that touch MLflow (the other is ``tracking``). Aliases:
+``challenger`` (the newest evaluated version), ``champion`` (what consumers load),
+``previous-champion`` (what a rollback restores). Every decision is returned as a dict
+(written to ``reports/promotion.json``) and stored as version tags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS = "previous-champion"
+
+
+class RegistryError(PipelineError):
+    """A model, version or alias the user asked for does not exist."""
+
+
+def client() -> MlflowClient:
+    uri = tracking.configure()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def promotion_lock() -> Iterator[None]:
+    """Serialise read-decide-write of aliases between pipelines on this machine.
+
+    MLflow has no compare-and-set for aliases; an exclusive ``flock`` on a file beside the
+    store makes the gate atomic for every process sharing this project's ``mlruns/``.
+    """
+    lock = lock_path()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _no_model(name: str) -> RegistryError:
+    return RegistryError(
+        f"registered model {name!r} does not exist in {tracking.tracking_uri()}: the registry "
+        "is empty. Run the pipeline (`make run` or `dvc repro`) to train, evaluate and "
+        "register a first version."
+    )
+
+
+def _get_model(c: MlflowClient, name: str):
+    try:
+        return c.get_registered_model(name)
+    except MlflowException as exc:
+        raise _no_model(name) from exc
+
+
+def alias_version(name: str, alias: str, c: MlflowClient | None = None):
+    """The ModelVersion behind ``alias``, or None when the alias is not set."""
+    c = c or client()
+    _get_model(c, name)
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def get_version(name: str, version: str | int, c: MlflowClient | None = None):
+    c = c or client()
+    _get_model(c, name)
+    try:
+        return c.get_model_version(name, str(version))
+    except MlflowException as exc:
+        known = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
+        raise RegistryError(
+            f"{name!r} has no version {version}; versions: {known or 'none'}"
+        ) from exc
+
+
+def model_uri(name: str, ref: str) -> str:
+    """``models:/name@alias`` or ``models:/name/version``, checked to exist (clear errors)."""
+    c = client()
+    if str(ref).isdigit():
+        get_version(name, ref, c)
+        return f"models:/{name}/{ref}"
+    if alias_version(name, ref, c) is None:
+        hint = (
+            "Run `dvc repro` (evaluate promotes the first model), or "
+            "`python -m pipeline promote <version>` to choose one."
+            if ref == CHAMPION
+            else "Set it with `python -m pipeline promote <version>`."
+        )
+        raise RegistryError(f"{name!r} has no version with alias '{ref}'. {hint}")
+    return f"models:/{name}@{ref}"
+
+
+def resolved_version(name: str, ref: str) -> str:
+    """The version number that an alias or version reference points at now."""
+    if str(ref).isdigit():
+        return str(int(ref))
+    mv = alias_version(name, ref)
+    if mv is None:
+        model_uri(name, ref)  # raises the explanatory error
+    return str(mv.version)
+
+
+def register(model_uri_: str, name: str, tags: dict) -> str:
+    """A new version of ``name`` from a logged model, tagged; returns the version number."""
+    c = client()
+    with contextlib.suppress(MlflowException):  # exists already
+        c.create_registered_model(name, description="Food-101 ResNet50 transfer learning")
+    mv = c.create_model_version(name, model_uri_, run_id=tags.get("run_id"),
+                                tags={k: str(v) for k, v in tags.items()})
+    c.set_registered_model_alias(name, CHALLENGER, mv.version)
+    log.info("registered %s version %s (alias %s)", name, mv.version, CHALLENGER)
+    return str(mv.version)
+
+
+def _set_champion(c: MlflowClient, name: str, version: str, old) -> None:
+    if old is not None and str(old.version) != str(version):
+        c.set_registered_model_alias(name, PREVIOUS, str(old.version))
+    c.set_registered_model_alias(name, CHAMPION, version)
+
+
+def gate(
+    name: str,
+    version: str,
+    accuracy: float,
+    manifest_sha256: str,
+    min_delta: float,
+    evaluate: Callable[[str], float],
+) -> dict:
+    """Promote ``version`` to champion if there is none, or if its test accuracy beats the
+    champion's **on the same test manifest** by more than ``min_delta``.
+
+    When the champion was measured on another manifest, ``evaluate(model_uri)`` re-measures
+    it on this one. The whole read-decide-write runs under :func:`promotion_lock`.
+    """
+    c = client()
+    with promotion_lock():
+        champ = alias_version(name, CHAMPION, c)
+        decision = {
+            "model_name": name,
+            "version": str(version),
+            "test_accuracy": accuracy,
+            "test_manifest_sha256": manifest_sha256,
+            "min_delta": min_delta,
+            "champion_version": str(champ.version) if champ else None,
+            "champion_test_accuracy": None,
+            "decided_at": _now(),
+        }
+        if champ is None:
+            promoted, reason = True, "no champion yet"
+        elif str(champ.version) == str(version):
+            promoted, reason = True, "already champion"
+        else:
+            key = f"test_accuracy@{manifest_sha256[:12]}"
+            if champ.tags.get("test_manifest_sha256") == manifest_sha256:
+                champ_acc = float(champ.tags["test_accuracy"])
+            elif key in champ.tags:
+                champ_acc = float(champ.tags[key])
+            else:
+                log.info("champion v%s was tested on another manifest: re-evaluating it",
+                         champ.version)
+                champ_acc = float(evaluate(f"models:/{name}/{champ.version}"))
+                c.set_model_version_tag(name, champ.version, key, f"{champ_acc:.6f}")
+            decision["champion_test_accuracy"] = champ_acc
+            promoted = accuracy > champ_acc + min_delta
+            verb = "beats" if promoted else "does not beat"
+            reason = (
+                f"test_accuracy {accuracy:.4f} {verb} champion v{champ.version}'s "
+                f"{champ_acc:.4f} + min_delta {min_delta} on the same test manifest"
+            )
+        if promoted:
+            _set_champion(c, name, str(version), champ)
+        decision.update(promoted=promoted, reason=reason)
+        c.set_model_version_tag(name, str(version), "promotion", "promoted" if promoted
+                                else "rejected")
+        c.set_model_version_tag(name, str(version), "promotion_reason", reason)
+    log.info("%s v%s: %s (%s)", name, version, "PROMOTED" if promoted else "not promoted", reason)
+    return decision
+
+
+def promote(name: str, version: str | int) -> dict:
+    """Make ``version`` the champion by hand; the old one becomes previous-champion."""
+    c = client()
+    mv = get_version(name, version, c)
+    with promotion_lock():
+        old = alias_version(name, CHAMPION, c)
+        _set_champion(c, name, mv.version, old)
+        c.set_model_version_tag(name, mv.version, "promotion", "promoted by hand")
+    return {"model_name": name, "champion": str(mv.version),
+            "previous_champion": str(old.version) if old else None, "decided_at": _now()}
+
+
+def rollback(name: str) -> dict:
+    """Give ``champion`` back to ``previous-champion``; the two swap places."""
+    c = client()
+    with promotion_lock():
+        prev = alias_version(name, PREVIOUS, c)
+        if prev is None:
+            raise RegistryError(
+                f"{name!r} has no '{PREVIOUS}' alias: nothing to roll back to (a rollback "
+                "needs an earlier champion). `python -m pipeline versions` lists versions."
+            )
+        cur = alias_version(name, CHAMPION, c)
+        c.set_registered_model_alias(name, CHAMPION, prev.version)
+        if cur is not None and str(cur.version) != str(prev.version):
+            c.set_registered_model_alias(name, PREVIOUS, cur.version)
+            c.set_model_version_tag(name, cur.version, "promotion", "rolled back")
+    return {"model_name": name, "champion": str(prev.version),
+            "previous_champion": str(cur.version) if cur else None, "decided_at": _now()}
+
+
+def list_versions(name: str) -> list[dict]:
+    """Every version, newest first, with aliases and recorded metrics."""
+    c = client()
+    _get_model(c, name)
+    rows = []
+    for mv in c.search_model_versions(f"name='{name}'"):
+        rows.append({
+            "version": int(mv.version),
+            "aliases": sorted(mv.aliases or []),
+            "test_accuracy": mv.tags.get("test_accuracy"),
+            "test_macro_f1": mv.tags.get("test_macro_f1"),
+            "promotion": mv.tags.get("promotion"),
+            "run_id": mv.run_id,
+            "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000).isoformat(
+                timespec="seconds"),
+        })
+    return sorted(rows, key=lambda r: -r["version"])
+
+
+def load_model(name: str, ref: str):
+    """The pyfunc behind ``models:/name@alias`` or ``models:/name/version``."""
+    return tracking.load_pyfunc(model_uri(name, ref))
+
+
+def lock_path() -> Path:
+    """Beside the SQLite file of a local store; under the project's mlruns/ otherwise."""
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent / "registry.lock"
+    return tracking.store_dir() / "registry.lock"

@@ -1,0 +1,248 @@
+"""``sample`` and ``split``: stratified, seeded draws that only ever admit decodable images.
+
+Train sample from the train list only; test set and unlabeled predict inputs from the test
+list only, disjoint from each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.config import SampleConfig, SplitConfig
+from pipeline.errors import PipelineError
+from pipeline.imaging import ImageDecodeError, load_image
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ["path", "label", "class_index"]
+
+
+class SampleError(PipelineError, ValueError):
+    """The sample cannot be drawn as configured (too large, unknown class, ...)."""
+
+
+@dataclass
+class Checker:
+    """Decodes candidates once, remembering which files are unreadable and why."""
+
+    root: Path
+    image_size: int
+    skipped: list[dict] = field(default_factory=list)
+    checked: int = 0
+    _bar: tqdm | None = None
+
+    def __call__(self, rel: str, split: str) -> bool:
+        self.checked += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        try:
+            load_image(self.root / rel, min_side=self.image_size)
+            return True
+        except ImageDecodeError as exc:
+            reason = str(exc).split(": ", 1)[-1]
+            self.skipped.append({"path": rel, "split": split, "reason": reason})
+            log.warning("skipping %s: %s", rel, reason)
+            return False
+
+
+def choose_classes(available: list[str], spec: str | int | tuple[str, ...]) -> list[str]:
+    """Resolve ``sample.classes`` ('all', the first N, or a list) against what exists."""
+    if spec == "all":
+        return list(available)
+    if isinstance(spec, int):
+        if spec > len(available):
+            raise SampleError(
+                f"sample.classes={spec}, but the source has only {len(available)} classes"
+            )
+        return list(available[:spec])
+    missing = [c for c in spec if c not in available]
+    if missing:
+        raise SampleError(
+            f"sample.classes: unknown class(es) {missing}; available: {', '.join(available)}"
+        )
+    return list(spec)
+
+
+def _quotas(n: int, classes: list[str], rng: np.random.Generator) -> dict[str, int]:
+    """Equal shares of ``n``; the remainder goes to a seeded random choice of classes."""
+    base, extra = divmod(n, len(classes))
+    lucky = set(rng.choice(len(classes), size=extra, replace=False).tolist()) if extra else set()
+    return {c: base + (1 if i in lucky else 0) for i, c in enumerate(classes)}
+
+
+def draw_stratified(
+    candidates: pd.DataFrame,
+    n: int,
+    classes: list[str],
+    rng: np.random.Generator,
+    is_ok: Callable[[str], bool],
+    what: str,
+) -> pd.DataFrame:
+    """Draw ``n`` rows, per-class counts differing by at most one where the classes allow.
+
+    Hand-written rather than sklearn's ``train_test_split(stratify=...)``: that gives
+    proportional (not equal) shares and cannot replace a file that fails to decode with
+    another of the same class. Candidates are visited in seeded random order; ``is_ok`` is
+    called on each before it is taken.
+    """
+    pools = {
+        c: list(rng.permutation(candidates.loc[candidates["label"] == c, "path"].to_numpy()))
+        for c in classes
+    }
+    available = sum(len(p) for p in pools.values())
+    if n > available:
+        per_class = ", ".join(f"{c}: {len(p)}" for c, p in pools.items())
+        raise SampleError(
+            f"{what}: asked for {n} images but the {len(classes)} chosen classes hold only "
+            f"{available} ({per_class}). Lower the size or choose more classes."
+        )
+    quotas = _quotas(n, classes, rng)
+    taken: dict[str, list[str]] = {c: [] for c in classes}
+
+    def take_one(c: str) -> bool:
+        while pools[c]:
+            rel = pools[c].pop(0)
+            if is_ok(rel):
+                taken[c].append(rel)
+                return True
+        return False
+
+    for c in classes:
+        while len(taken[c]) < quotas[c] and take_one(c):
+            pass
+    # Classes that ran short (too few readable files): spread the deficit round-robin over
+    # the classes that still have candidates, smallest first, to stay as even as possible.
+    deficit = n - sum(len(t) for t in taken.values())
+    while deficit > 0:
+        open_classes = sorted((c for c in classes if pools[c]), key=lambda c: len(taken[c]))
+        if not open_classes:
+            raise SampleError(
+                f"{what}: asked for {n} images but only {n - deficit} readable ones exist "
+                "in the chosen classes (see the skipped files in reports/sample.json)."
+            )
+        for c in open_classes:
+            if deficit and take_one(c):
+                deficit -= 1
+    rows = [(p, c) for c in classes for p in taken[c]]
+    return pd.DataFrame(rows, columns=["path", "label"])
+
+
+def _manifest(df: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    index = {c: i for i, c in enumerate(classes)}
+    out = df.assign(class_index=df["label"].map(index).astype(int))
+    return out.sort_values(["class_index", "path"], ignore_index=True)[MANIFEST_COLUMNS]
+
+
+@dataclass
+class SampleResult:
+    sample: pd.DataFrame
+    test: pd.DataFrame
+    unlabeled_key: pd.DataFrame
+    report: dict
+
+
+def draw_sample(
+    root: Path,
+    index: pd.DataFrame,
+    available_classes: list[str],
+    cfg: SampleConfig,
+    image_size: int,
+    unlabeled_dir: Path,
+) -> SampleResult:
+    """Draw the train sample, the test set and the unlabeled predict inputs.
+
+    The unlabeled images are copied to ``unlabeled_dir`` as ``img_00001.<ext>`` (neutral
+    names, shuffled) and their labels go to the returned answer key only.
+    """
+    start = time.perf_counter()
+    classes = choose_classes(available_classes, cfg.classes)
+    rng = np.random.default_rng(cfg.seed)
+    index = index[index["label"].isin(classes)]
+    train_list = index[index["split"] == "train"]
+    test_list = index[index["split"] == "test"]
+    check = Checker(root, image_size)
+    total = cfg.size + cfg.test_size + cfg.unlabeled_size
+    with tqdm(total=total, desc="decode+check", unit="img", mininterval=2) as bar:
+        check._bar = bar
+        sample = draw_stratified(
+            train_list, cfg.size, classes, rng, lambda p: check(p, "train"), "sample.size"
+        )
+        test = draw_stratified(
+            test_list, cfg.test_size, classes, rng, lambda p: check(p, "test"),
+            "sample.test_size",
+        )
+        bad = {s["path"] for s in check.skipped}
+        rest = test_list[~test_list["path"].isin(set(test["path"]) | bad)]
+        unlabeled = draw_stratified(
+            rest, cfg.unlabeled_size, classes, rng, lambda p: check(p, "unlabeled"),
+            "sample.unlabeled_size (drawn from the test list, apart from the test set)",
+        ) if cfg.unlabeled_size else pd.DataFrame(columns=["path", "label"])
+        check._bar = None
+    seconds = time.perf_counter() - start
+
+    if unlabeled_dir.exists():
+        shutil.rmtree(unlabeled_dir)
+    unlabeled_dir.mkdir(parents=True)
+    order = rng.permutation(len(unlabeled))
+    key_rows = []
+    for n, i in enumerate(order, start=1):
+        rel, label = unlabeled.iloc[i]["path"], unlabeled.iloc[i]["label"]
+        name = f"img_{n:05d}{Path(rel).suffix.lower()}"
+        shutil.copyfile(root / rel, unlabeled_dir / name)
+        key_rows.append({"file": name, "label": label, "source_path": rel})
+    key = pd.DataFrame(key_rows, columns=["file", "label", "source_path"])
+
+    sample_m, test_m = _manifest(sample, classes), _manifest(test, classes)
+    report = {
+        "classes": classes,
+        "counts": {"sample": len(sample_m), "test": len(test_m), "unlabeled": len(key)},
+        "per_class": {
+            "sample": sample_m["label"].value_counts().reindex(classes).fillna(0).astype(int)
+            .to_dict(),
+            "test": test_m["label"].value_counts().reindex(classes).fillna(0).astype(int)
+            .to_dict(),
+        },
+        "checked_images": check.checked,
+        "skipped_count": len(check.skipped),
+        "skipped": check.skipped,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(check.checked / seconds, 1) if seconds else None,
+    }
+    log.info(
+        "sampled %d train-list / %d test-list / %d unlabeled images of %d classes; "
+        "%d unreadable skipped; %.1f s (%.0f img/s)",
+        len(sample_m), len(test_m), len(key), len(classes), len(check.skipped), seconds,
+        report["images_per_second"] or 0,
+    )
+    return SampleResult(sample_m, test_m, key, report)
+
+
+def split_sample(sample: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stratified, seeded train/validation split of the sample manifest (scikit-learn)."""
+    from sklearn.model_selection import train_test_split
+
+    counts = sample["label"].value_counts()
+    n_val = int(np.ceil(cfg.val_fraction * len(sample)))
+    if counts.min() < 2 or n_val < len(counts) or len(sample) - n_val < len(counts):
+        raise SampleError(
+            f"split.val_fraction={cfg.val_fraction}: cannot stratify {len(sample)} images of "
+            f"{len(counts)} classes (smallest class: {counts.min()}); every class needs an "
+            "image on both sides. Raise sample.size or change split.val_fraction."
+        )
+    train, val = train_test_split(
+        sample, test_size=cfg.val_fraction, stratify=sample["label"], random_state=cfg.seed
+    )
+    order = ["class_index", "path"]
+    return (
+        train.sort_values(order, ignore_index=True),
+        val.sort_values(order, ignore_index=True),
+    )

@@ -1,0 +1,31 @@
+"""Stage ``evaluate``: test metrics of the run's model, registry version and promotion gate.
+
+Inputs: ``reports/run.json``, ``data/manifests/test.csv``, ``data/source/``.
+Params: ``registry``. Outputs: ``metrics/evaluate.json``, ``reports/promotion.json``,
+``reports/per_class.csv``, ``plots/confusion.csv`` (dvc plots, confusion template),
+``plots/confusion_matrix.png``. All of it also goes to the MLflow run that ``train`` opened.
+"""
+
+import json
+from pathlib import Path
+
+from pipeline.config import Params
+from pipeline.jobs import evaluate_and_log
+from pipeline.sources import load_index
+from stages.common import run_stage, write_json
+
+
+def main(params: Params) -> None:
+    root, _, _ = load_index(Path("data/source"))
+    classes = json.loads(Path("reports/sample.json").read_text())["classes"]
+    run = json.loads(Path("reports/run.json").read_text())
+    out = evaluate_and_log(params, root, classes, Path("data/manifests/test.csv"), run,
+                           Path("plots"))
+    write_json("metrics/evaluate.json", out.metrics)
+    write_json("reports/promotion.json", out.decision)
+    out.per_class.to_csv("reports/per_class.csv", index=False)
+    out.confusion.to_csv("plots/confusion.csv", index=False)
+
+
+if __name__ == "__main__":
+    run_stage(main)
