@@ -72,6 +72,7 @@ class ModelConfig:
     freeze: Literal["backbone", "layer4", "none"] = "backbone"
     hidden: int = 512
     dropout: float = 0.2
+    feature_norm: bool = True  # BatchNorm1d before the head (needed for weights=none)
     init_seed: int = 0  # random init of the backbone when weights=none
 
 

@@ -94,6 +94,7 @@ def train_and_log(
             "image_size": params.data.image_size,
             "hidden": params.model.hidden,
             "dropout": params.model.dropout,
+            "feature_norm": params.model.feature_norm,
             "precision": result.precision,
             "batch_size": params.predict.batch_size,
             "preprocessing": preprocessing_spec(params.data.image_size),

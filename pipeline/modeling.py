@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,10 +105,18 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
 
 
 class Head(nn.Sequential):
-    """The reference head: Linear(2048->hidden)-ReLU-Dropout-Linear(hidden->C)-LogSoftmax."""
+    """The reference head: Linear(2048->hidden)-ReLU-Dropout-Linear(hidden->C)-LogSoftmax.
 
-    def __init__(self, in_dim: int, num_classes: int, hidden: int = 512, dropout: float = 0.2):
+    ``feature_norm`` puts a BatchNorm1d (no affine) in front: features of a randomly
+    initialised ResNet50 are large, nearly constant vectors (mean ~15, tiny differences
+    between images) on which the plain head does not learn; standardising them fixes that.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, hidden: int = 512, dropout: float = 0.2,
+                 feature_norm: bool = False):
+        norm = [nn.BatchNorm1d(in_dim, affine=False)] if feature_norm else []
         super().__init__(
+            *norm,
             nn.Linear(in_dim, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
@@ -165,7 +174,7 @@ def _load_state_file(path: Path) -> dict:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, ValueError, EOFError) as exc:
+    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise WeightsError(f"model.weights={path}: not a torch state dict ({exc})") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -209,13 +218,19 @@ def build_backbone(arch: str, weights: str, init_seed: int = 0) -> tuple[nn.Modu
 
 
 def build_model(
-    arch: str, num_classes: int, hidden: int, dropout: float, backbone: nn.Module | None = None
+    arch: str,
+    num_classes: int,
+    hidden: int,
+    dropout: float,
+    backbone: nn.Module | None = None,
+    feature_norm: bool = False,
 ) -> FoodNet:
     """FoodNet with the given (or an empty random) backbone and a fresh head."""
     if backbone is None:
         backbone = _torchvision_builder(arch)(weights=None)
         backbone.fc = nn.Identity()
-    return FoodNet(backbone, Head(FEATURE_DIM[arch], num_classes, hidden, dropout))
+    head = Head(FEATURE_DIM[arch], num_classes, hidden, dropout, feature_norm)
+    return FoodNet(backbone, head)
 
 
 def frozen_modules(model: FoodNet, freeze: str) -> list[nn.Module]:

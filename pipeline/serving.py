@@ -67,7 +67,8 @@ class FoodClassifier(PythonModel):
         self.image_size: int = meta["image_size"]
         self.precision = resolve_precision(meta.get("precision", "auto"))
         self.batch_size = int(meta.get("batch_size", 32))
-        model = build_model(meta["arch"], len(self.classes), meta["hidden"], meta["dropout"])
+        model = build_model(meta["arch"], len(self.classes), meta["hidden"], meta["dropout"],
+                            feature_norm=meta.get("feature_norm", False))
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         self.model = prepare_for_inference(model)

@@ -112,7 +112,7 @@ def describe_changes(current: dict, baseline: dict | None) -> str:
     short = {}
     for key in changed:
         leaf = key.split(".")[-1]
-        clash = sum(1 for k in changed if k.split(".")[-1] == leaf) > 1
+        clash = sum(1 for k in current if k.split(".")[-1] == leaf) > 1
         short[key if clash else leaf] = current[key]
     return " ".join(f"{k}={v}" for k, v in short.items())
 

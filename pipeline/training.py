@@ -159,6 +159,11 @@ class TrainResult:
         return {k: last[k] for k in ("train_loss", "val_loss", "val_accuracy")}
 
 
+def _lone_last_batch(n: int, batch_size: int) -> bool:
+    """A final batch of one image breaks BatchNorm in train mode: drop just that one."""
+    return n > batch_size and n % batch_size == 1
+
+
 def uses_feature_cache(model_cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
     """Features can be cached only when the backbone never changes and inputs are fixed."""
     return model_cfg.freeze == "backbone" and not train_cfg.augment
@@ -204,7 +209,8 @@ def train_model(
     precision = resolve_precision(train_cfg.precision)
     backbone, weights_used = build_backbone(model_cfg.arch, model_cfg.weights, model_cfg.init_seed)
     generator = seed_everything(train_cfg.seed)
-    model = build_model(model_cfg.arch, len(classes), model_cfg.hidden, model_cfg.dropout, backbone)
+    model = build_model(model_cfg.arch, len(classes), model_cfg.hidden, model_cfg.dropout,
+                        backbone, model_cfg.feature_norm)
     apply_freeze(model, model_cfg.freeze)
     y_train = torch.tensor(train_df["class_index"].to_numpy(), dtype=torch.long)
     y_val = torch.tensor(val_df["class_index"].to_numpy(), dtype=torch.long)
@@ -224,6 +230,7 @@ def train_model(
         train_loader = DataLoader(
             TensorDataset(torch.from_numpy(f_train), y_train),
             batch_size=train_cfg.batch_size, shuffle=True, generator=generator,
+            drop_last=_lone_last_batch(len(train_df), train_cfg.batch_size),
         )
         val_loader = DataLoader(TensorDataset(torch.from_numpy(f_val), y_val), batch_size=512)
         # The head alone trains on the cached features, in fp32.
@@ -236,7 +243,8 @@ def train_model(
         loader_args = dict(num_workers=train_cfg.num_workers)
         train_loader = DataLoader(
             LabeledImages(root, train_df, train_tf, image_size),
-            batch_size=train_cfg.batch_size, shuffle=True, generator=generator, **loader_args,
+            batch_size=train_cfg.batch_size, shuffle=True, generator=generator,
+            drop_last=_lone_last_batch(len(train_df), train_cfg.batch_size), **loader_args,
         )
         val_loader = DataLoader(
             LabeledImages(root, val_df, eval_transform(image_size), image_size),

@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny generated image folders and a temporary MLflow store.
+
+Nothing here needs the network: images are generated, weights are random (``weights=none``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MINI = REPO.parent / "shared" / "datasets" / "food101-mini"
+
+TINY_DEMO = dict(classes=4, train_per_class=16, test_per_class=8, min_side=48, max_side=64,
+                 seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """A generated Food-101-layout folder: 4 classes x (16 train + 8 test) small JPEGs."""
+    from pipeline.demo import generate_demo
+
+    out = tmp_path_factory.mktemp("demo") / "food"
+    generate_demo(out, workers=1, **TINY_DEMO)
+    return out
+
+
+@pytest.fixture(scope="session")
+def learnable_demo(tmp_path_factory) -> Path:
+    """A larger demo set (6 classes x (60 train + 20 test), 64-80 px) for learning checks."""
+    from pipeline.demo import generate_demo
+
+    out = tmp_path_factory.mktemp("demo_learn") / "food"
+    generate_demo(out, classes=6, train_per_class=60, test_per_class=20, min_side=64,
+                  max_side=80, seed=3, workers=2)
+    return out
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store (tracking + registry) for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture()
+def feature_cache(tmp_path, monkeypatch) -> Path:
+    """A private feature cache folder."""
+    path = tmp_path / "features"
+    monkeypatch.setenv("FOOD101_FEATURE_CACHE", str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    import torch
+
+    torch.set_num_threads(2)
+
+
+def tiny_params(**overrides):
+    """Params for tiny, fast runs (32 px images, small samples); ``section=dict`` overrides."""
+    from pipeline.config import params_from_dict
+
+    raw = {
+        "data": {"image_size": 32},
+        "demo": dict(TINY_DEMO),
+        "sample": {"size": 48, "test_size": 16, "unlabeled_size": 6, "seed": 1},
+        "split": {"val_fraction": 0.25},
+        "train": {"epochs": 2, "batch_size": 16, "log_every": 1, "num_workers": 0,
+                  "feature_batch_size": 16},
+    }
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return params_from_dict(raw)
+
+
+@pytest.fixture()
+def tiny_data(tiny_demo, tmp_path):
+    """Manifests drawn from ``tiny_demo`` with the library (what sample + split produce)."""
+    from types import SimpleNamespace
+
+    from pipeline.sampling import draw_sample, split_sample
+    from pipeline.sources import index_food101
+
+    params = tiny_params()
+    root, index, classes = index_food101(tiny_demo)
+    res = draw_sample(root, index, classes, params.sample, params.data.image_size,
+                      tmp_path / "unlabeled")
+    train, val = split_sample(res.sample, params.split)
+    manifests = {}
+    for name, df in (("train", train), ("val", val), ("test", res.test),
+                     ("unlabeled_key", res.unlabeled_key)):
+        manifests[name] = tmp_path / f"{name}.csv"
+        df.to_csv(manifests[name], index=False)
+    return SimpleNamespace(root=root, classes=res.report["classes"], params=params,
+                           manifests=manifests, unlabeled=tmp_path / "unlabeled",
+                           train=train, val=val, test=res.test, key=res.unlabeled_key)
+
+
+@pytest.fixture()
+def trained_run(tiny_data, mlflow_store, feature_cache):
+    """A tiny model trained and logged by the real train job: (tiny_data, TrainOutputs)."""
+    from pipeline.jobs import train_and_log
+
+    out = train_and_log(tiny_data.params, tiny_data.root, tiny_data.classes,
+                        {k: tiny_data.manifests[k] for k in ("train", "val")}, None)
+    return tiny_data, out

@@ -1,0 +1,66 @@
+import pytest
+
+from pipeline.config import ConfigError, load_params, params_from_dict
+
+
+def test_committed_params_load():
+    p = load_params("params.yaml")
+    assert p.sample.size == 10_000 and p.sample.test_size == 1_000
+    assert p.model.weights == "none" and p.data.source == "demo"
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "hint"),
+    [
+        ({"train": {"lrate": 0.1}}, "train.lrate", "allowed keys"),
+        ({"trian": {}}, "trian", "allowed sections"),
+        ({"train": {"lr": "fast"}}, "train.lr", "a number"),
+        ({"train": {"epochs": 1.5}}, "train.epochs", "an integer"),
+        ({"train": {"epochs": 0}}, "train.epochs", ">= 1"),
+        ({"train": {"lr": -0.1}}, "train.lr", "> 0"),
+        ({"sample": {"size": -5}}, "sample.size", "positive"),
+        ({"sample": {"classes": "some"}}, "sample.classes", "'all'"),
+        ({"split": {"val_fraction": 1.2}}, "split.val_fraction", "(0, 1)"),
+        ({"split": {"val_fraction": 0}}, "split.val_fraction", "(0, 1)"),
+        ({"data": {"source": "kaggle"}}, "data.source", "'demo', 'food101', 'imagefolder'"),
+        ({"data": {"source": "food101"}}, "data.root", "required"),
+        ({"model": {"freeze": "all"}}, "model.freeze", "'backbone', 'layer4', 'none'"),
+        ({"train": {"precision": "fp16"}}, "train.precision", "'auto', 'fp32', 'bf16'"),
+        ({"train": {"augment": "yes"}}, "train.augment", "true/false"),
+        ({"registry": {"min_delta": -1}}, "registry.min_delta", ">= 0"),
+    ],
+)
+def test_bad_values_name_the_key(raw, key, hint):
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    msg = str(err.value)
+    assert msg.startswith(key), msg
+    assert hint in msg, msg
+
+
+def test_valid_overrides_and_class_specs():
+    p = params_from_dict({"sample": {"classes": ["a", "b"]}, "train": {"lr": 1}})
+    assert p.sample.classes == ("a", "b")
+    assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
+    assert params_from_dict({"sample": {"classes": 5}}).sample.classes == 5
+
+
+def test_digest_changes_with_values():
+    a = params_from_dict({})
+    b = params_from_dict({"train": {"lr": 0.001}})
+    assert a.digest() == params_from_dict({}).digest()
+    assert a.digest() != b.digest()
+    assert b.flat()["train.lr"] == 0.001
+
+
+def test_stage_exits_with_the_message(tmp_path, monkeypatch, caplog):
+    from stages.common import run_stage
+
+    (tmp_path / "params.yaml").write_text("split:\n  val_fraction: 2\n")
+    monkeypatch.chdir(tmp_path)
+    called = []
+    with pytest.raises(SystemExit) as exc:
+        run_stage(called.append)
+    assert exc.value.code == 2
+    assert not called  # no work before the check
+    assert "split.val_fraction" in caplog.text

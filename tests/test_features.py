@@ -1,0 +1,69 @@
+import shutil
+
+import numpy as np
+from conftest import tiny_params
+
+from pipeline.features import FeatureStore, cache_key, compute_features
+from pipeline.modeling import build_backbone, prepare_for_inference, state_digest
+from pipeline.training import train_model
+
+
+def _misses(result):
+    return sum(s["cache_misses"] for s in result.feature_stats.values())
+
+
+def _train(td, cache, **overrides):
+    p = tiny_params(**overrides)
+    return train_model(td.root, td.train, td.val, td.classes, p.model, p.train,
+                       p.data.image_size, cache)
+
+
+def test_head_only_change_hits_the_cache(tiny_data, tmp_path):
+    cache = tmp_path / "cache"
+    first = _train(tiny_data, cache)
+    n = len(tiny_data.train) + len(tiny_data.val)
+    assert _misses(first) == n
+    second = _train(tiny_data, cache, train={"lr": 0.01, "epochs": 3, "batch_size": 8},
+                    model={"hidden": 32, "dropout": 0.5})
+    assert _misses(second) == 0
+    assert second.feature_stats["train"]["cache_hits"] == len(tiny_data.train)
+    again = _train(tiny_data, cache)  # same params: same result from cached features
+    assert again.history == first.history or np.allclose(
+        [h["val_loss"] for h in again.history], [h["val_loss"] for h in first.history])
+
+
+def test_preprocessing_weights_or_image_change_miss(tiny_data, tmp_path):
+    cache = tmp_path / "cache"
+    _train(tiny_data, cache)
+    n = len(tiny_data.train) + len(tiny_data.val)
+    assert _misses(_train(tiny_data, cache, data={"image_size": 40})) == n
+    assert _misses(_train(tiny_data, cache, model={"init_seed": 1})) == n
+    assert _misses(_train(tiny_data, cache, train={"precision": "bf16"})) == n
+    # Change the bytes of one training image (copy the folder so the fixture stays intact).
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_data.root, root)
+    victim = root / tiny_data.train["path"].iloc[0]
+    from PIL import Image
+
+    Image.open(victim).rotate(90).save(victim, "JPEG")
+    tiny_data.root = root
+    assert _misses(_train(tiny_data, cache)) == 1
+
+
+def test_cached_features_equal_fresh_ones(tiny_demo, tmp_path):
+    backbone, _ = build_backbone("resnet50", "none", 0)
+    backbone = prepare_for_inference(backbone)
+    paths = sorted((tiny_demo / "images").rglob("*.jpg"))[:10]
+    key = cache_key("resnet50", state_digest(backbone), 32, "fp32")
+    store = FeatureStore(tmp_path, key)
+    f1, s1 = compute_features(backbone, paths, store=store, image_size=32, precision="fp32",
+                              batch_size=4, num_workers=0)
+    f2, s2 = compute_features(backbone, paths, store=FeatureStore(tmp_path, key), image_size=32,
+                              precision="fp32", batch_size=4, num_workers=0)
+    fresh, _ = compute_features(backbone, paths, store=None, image_size=32, precision="fp32",
+                                batch_size=3, num_workers=0)
+    assert s1["cache_misses"] == 10 and s2["cache_hits"] == 10 and s2["cache_misses"] == 0
+    assert f1.shape == (10, 2048)
+    np.testing.assert_array_equal(f1, f2)
+    np.testing.assert_allclose(fresh, f1, rtol=1e-4, atol=1e-4)
+    assert len(list((tmp_path / key).glob("shard-*.npz"))) == 1

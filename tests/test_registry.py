@@ -1,0 +1,468 @@
+"""The registry: registering versions, the promotion gate, aliases, rollback and clear errors.
+
+Versions are registered from a trivial MLflow pyfunc model logged once per test (no torch
+model), so these tests are about the registry logic against a real SQLite MLflow store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import threading
+import traceback
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import registry, tracking
+from pipeline.registry import RegistryError
+
+NAME = "registry-test-model"
+MANIFEST = "a" * 64
+OTHER_MANIFEST = "b" * 64
+BARRIER_TIMEOUT = 120  # seconds; a child that never arrives breaks the barrier instead
+
+
+class EchoModel(mlflow.pyfunc.PythonModel):
+    """The smallest real pyfunc: returns its input."""
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+# -- a fresh store per test, without paying for the schema migrations every time ----------------
+
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite database with the schema already created (once per session).
+
+    Creating the schema of a new store runs every migration (~5 s on 2 cores); copying an
+    empty, migrated database file gives each test an equally fresh store in milliseconds.
+    """
+    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
+    if not path.exists():
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts"))
+        store.engine.dispose()
+    return path
+
+
+@pytest.fixture()
+def store(mlflow_store, migrated_db) -> str:
+    """conftest's ``mlflow_store``, its database file pre-created from the migrated copy."""
+    db = Path(mlflow_store.removeprefix("sqlite:///"))
+    assert not db.exists()
+    shutil.copyfile(migrated_db, db)
+    return mlflow_store
+
+
+@pytest.fixture()
+def model_uri(store) -> str:
+    """One logged pyfunc model in the test's store; every version registers it."""
+    exp = tracking.ensure_experiment("registry-tests")
+    with mlflow.start_run(experiment_id=exp):
+        info = mlflow.pyfunc.log_model(name="model", python_model=EchoModel(),
+                                       pip_requirements=["mlflow"])
+    return info.model_uri
+
+
+def new_version(uri: str, accuracy: float, manifest: str = MANIFEST, name: str = NAME) -> str:
+    return registry.register(uri, name, {"test_accuracy": f"{accuracy:.6f}",
+                                         "test_macro_f1": f"{accuracy / 2:.6f}",
+                                         "test_manifest_sha256": manifest})
+
+
+def never_called(uri: str) -> float:
+    raise AssertionError(f"evaluate() must not be called (got {uri})")
+
+
+def gate(version: str, accuracy: float, *, manifest: str = MANIFEST, min_delta: float = 0.0,
+         evaluate=never_called, name: str = NAME) -> dict:
+    return registry.gate(name, version, accuracy, manifest, min_delta, evaluate)
+
+
+def aliases() -> dict[str, str]:
+    """alias -> version of NAME, read from MLflow itself."""
+    return {k: str(v) for k, v in registry.client().get_registered_model(NAME).aliases.items()}
+
+
+def tags(version: str) -> dict[str, str]:
+    return registry.client().get_model_version(NAME, version).tags
+
+
+# -- register ---------------------------------------------------------------------------------
+
+def test_register_returns_version_with_tags_and_challenger_alias(model_uri):
+    v1 = new_version(model_uri, 0.5)
+    v2 = new_version(model_uri, 0.6)
+    assert (v1, v2) == ("1", "2")
+    assert isinstance(v1, str)
+    assert tags(v1)["test_accuracy"] == "0.500000"
+    assert tags(v2)["test_manifest_sha256"] == MANIFEST
+    assert aliases() == {"challenger": "2"}  # the newest; no champion until the gate runs
+    assert registry.client().get_model_version(NAME, v1).source == model_uri
+
+
+# -- the gate ---------------------------------------------------------------------------------
+
+def test_gate_promotes_first_then_better_and_records_decisions(model_uri):
+    v1 = new_version(model_uri, 0.5)
+    d1 = gate(v1, 0.5)
+    assert d1["promoted"] is True
+    assert d1["reason"] == "no champion yet"
+    assert d1["champion_version"] is None
+    assert d1["version"] == v1 and d1["model_name"] == NAME
+    dt.datetime.fromisoformat(d1["decided_at"])
+    assert aliases()["champion"] == v1
+    assert "previous-champion" not in aliases()
+    assert tags(v1)["promotion"] == "promoted"
+    assert tags(v1)["promotion_reason"] == "no champion yet"
+
+    v2 = new_version(model_uri, 0.75)
+    d2 = gate(v2, 0.75)
+    assert d2["promoted"] is True
+    assert d2["champion_version"] == v1
+    assert d2["champion_test_accuracy"] == pytest.approx(0.5)
+    assert "beats" in d2["reason"] and "does not beat" not in d2["reason"]
+    assert aliases() == {"champion": v2, "previous-champion": v1, "challenger": v2}
+    assert tags(v2)["promotion"] == "promoted"
+    assert tags(v2)["promotion_reason"] == d2["reason"]
+
+
+def test_gate_rejects_worse_and_equal_and_keeps_champion(model_uri):
+    v1 = new_version(model_uri, 0.5)
+    gate(v1, 0.5)
+
+    v2 = new_version(model_uri, 0.25)
+    worse = gate(v2, 0.25)
+    assert worse["promoted"] is False
+    assert "does not beat" in worse["reason"]
+    assert worse["champion_version"] == v1
+    assert tags(v2)["promotion"] == "rejected"
+    assert tags(v2)["promotion_reason"] == worse["reason"]
+
+    v3 = new_version(model_uri, 0.5)
+    equal = gate(v3, 0.5)  # must be strictly better
+    assert equal["promoted"] is False
+    assert tags(v3)["promotion"] == "rejected"
+
+    assert aliases()["champion"] == v1
+    assert "previous-champion" not in aliases()
+
+
+def test_gate_min_delta_is_a_strict_margin(model_uri):
+    v1 = new_version(model_uri, 0.5)
+    gate(v1, 0.5, min_delta=0.25)
+    # 0.5 + 0.25 == 0.75 exactly in binary floating point: not "more than" the margin
+    v2 = new_version(model_uri, 0.75)
+    at_margin = gate(v2, 0.75, min_delta=0.25)
+    assert at_margin["promoted"] is False
+    assert at_margin["min_delta"] == 0.25
+    assert "min_delta 0.25" in at_margin["reason"]
+    v3 = new_version(model_uri, 0.7)
+    assert gate(v3, 0.7, min_delta=0.25)["promoted"] is False  # better, but within the margin
+    v4 = new_version(model_uri, 0.76)
+    above = gate(v4, 0.76, min_delta=0.25)
+    assert above["promoted"] is True
+    assert aliases()["champion"] == v4
+    assert aliases()["previous-champion"] == v1
+    assert [tags(v)["promotion"] for v in (v1, v2, v3, v4)] == [
+        "promoted", "rejected", "rejected", "promoted"]
+
+
+def test_gate_on_the_champion_itself_keeps_it(model_uri):
+    v1 = new_version(model_uri, 0.5)
+    gate(v1, 0.5)
+    again = gate(v1, 0.1)
+    assert again["promoted"] is True
+    assert again["reason"] == "already champion"
+    assert aliases()["champion"] == v1
+    assert "previous-champion" not in aliases()  # never its own previous champion
+
+
+class RecordingEvaluate:
+    def __init__(self, value: float):
+        self.value = value
+        self.calls: list[str] = []
+
+    def __call__(self, uri: str) -> float:
+        self.calls.append(uri)
+        return self.value
+
+
+def test_gate_re_evaluates_champion_measured_on_another_manifest(model_uri):
+    v1 = new_version(model_uri, 0.9, manifest=MANIFEST)
+    gate(v1, 0.9, manifest=MANIFEST)
+
+    # the challenger was tested on another manifest: the champion's recorded 0.9 does not
+    # count; it is re-measured (0.5) on the challenger's manifest
+    v2 = new_version(model_uri, 0.6, manifest=OTHER_MANIFEST)
+    evaluate = RecordingEvaluate(0.5)
+    d = gate(v2, 0.6, manifest=OTHER_MANIFEST, evaluate=evaluate)
+    assert evaluate.calls == [f"models:/{NAME}/{v1}"]
+    assert d["champion_test_accuracy"] == pytest.approx(0.5)
+    assert d["promoted"] is True
+    assert aliases()["champion"] == v2
+    # the re-measurement is kept on the old champion, keyed by the manifest
+    assert tags(v1)[f"test_accuracy@{OTHER_MANIFEST[:12]}"] == "0.500000"
+
+    # v2 is champion and was tested on OTHER_MANIFEST: a challenger on it compares directly
+    v3 = new_version(model_uri, 0.55, manifest=OTHER_MANIFEST)
+    evaluate3 = RecordingEvaluate(0.0)
+    d3 = gate(v3, 0.55, manifest=OTHER_MANIFEST, evaluate=evaluate3)
+    assert evaluate3.calls == []
+    assert d3["promoted"] is False
+    assert d3["champion_test_accuracy"] == pytest.approx(0.6)
+
+
+def test_gate_reuses_a_stored_re_evaluation(model_uri):
+    v1 = new_version(model_uri, 0.5, manifest=MANIFEST)
+    gate(v1, 0.5, manifest=MANIFEST)
+
+    v2 = new_version(model_uri, 0.6, manifest=OTHER_MANIFEST)
+    first = RecordingEvaluate(0.8)  # champion is better on the new manifest
+    d2 = gate(v2, 0.6, manifest=OTHER_MANIFEST, evaluate=first)
+    assert first.calls == [f"models:/{NAME}/{v1}"]
+    assert d2["promoted"] is False
+    assert aliases()["champion"] == v1
+
+    v3 = new_version(model_uri, 0.85, manifest=OTHER_MANIFEST)
+    second = RecordingEvaluate(0.0)  # would wrongly promote anything if it were called
+    d3 = gate(v3, 0.85, manifest=OTHER_MANIFEST, evaluate=second)
+    assert second.calls == []  # the stored test_accuracy@<manifest> is used
+    assert d3["champion_test_accuracy"] == pytest.approx(0.8)
+    assert d3["promoted"] is True
+
+
+def test_gate_same_manifest_never_calls_evaluate(model_uri):
+    v1 = new_version(model_uri, 0.5)
+    gate(v1, 0.5)
+    v2 = new_version(model_uri, 0.4)
+    evaluate = RecordingEvaluate(0.0)
+    d = gate(v2, 0.4, evaluate=evaluate)
+    assert evaluate.calls == []
+    assert d["promoted"] is False
+    assert d["champion_test_accuracy"] == pytest.approx(0.5)
+
+
+# -- concurrent gates -------------------------------------------------------------------------
+
+def _gate_worker(uri: str, model_uri: str, accuracies: list[float], index: int,
+                 barrier, results) -> None:
+    """Child process: per round, register a version, then gate it together with the others."""
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        from pipeline import registry as reg
+
+        for rnd, acc in enumerate(accuracies):
+            barrier.wait(BARRIER_TIMEOUT)  # round starts
+            version = new_version(model_uri, acc)
+            barrier.wait(BARRIER_TIMEOUT)  # everyone registered: gate at the same moment
+            decision = reg.gate(NAME, version, acc, MANIFEST, 0.0, never_called)
+            results.put({"round": rnd, "worker": index, "version": version, "accuracy": acc,
+                         "decision": decision})
+            barrier.wait(BARRIER_TIMEOUT)  # round done: the parent looks at the registry
+    except BaseException:
+        results.put({"worker": index, "error": traceback.format_exc()})
+        barrier.abort()
+
+
+def _drain(results, n: int, timeout: float) -> list[dict]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(results.get(timeout=timeout))
+        except queue.Empty:
+            break
+    return out
+
+
+def test_concurrent_gates_leave_the_best_version_champion(model_uri, store):
+    # a weak champion exists; then each round, three processes gate at the same moment
+    v1 = new_version(model_uri, 0.5)
+    gate(v1, 0.5)
+    rounds = [
+        [0.6, 0.9, 0.7],  # all beat the champion: only the best may end up champion
+        [0.85, 0.97, 0.93],  # one below the champion (0.9), two above
+    ]
+    per_worker = [[r[i] for r in rounds] for i in range(3)]
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(len(per_worker) + 1)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_gate_worker, args=(store, model_uri, accs, i, barrier, results))
+        for i, accs in enumerate(per_worker)
+    ]
+    for p in procs:
+        p.start()
+    accuracy = {v1: 0.5}
+    champion_acc = 0.5
+    try:
+        for rnd, accs in enumerate(rounds):
+            try:
+                for _ in range(3):  # start, gate together, done
+                    barrier.wait(BARRIER_TIMEOUT)
+            except threading.BrokenBarrierError:
+                errors = [r.get("error") for r in _drain(results, len(procs), 5)]
+                pytest.fail(f"a worker failed in round {rnd}:\n" + "\n".join(filter(None, errors)))
+            got = _drain(results, len(procs), 30)
+            assert len(got) == len(procs), got
+            assert not [g for g in got if "error" in g], got
+            assert sorted(g["accuracy"] for g in got) == sorted(accs)
+            accuracy.update({g["version"]: g["accuracy"] for g in got})
+            assert len(accuracy) == 1 + 3 * (rnd + 1)  # every registration got its own version
+
+            current = aliases()
+            best = max(accuracy, key=accuracy.get)
+            assert current["champion"] == best, (current, accuracy)
+            # the old champion is the runner-up among the promoted ones, never a better one
+            assert accuracy[current["previous-champion"]] < accuracy[best]
+
+            # The decisions must be explainable by gates running one after the other:
+            # promoted ones form a chain, each compared with the one promoted just before.
+            promoted = sorted((g for g in got if g["decision"]["promoted"]),
+                              key=lambda g: g["accuracy"])
+            assert promoted and promoted[-1]["version"] == best
+            before = next(v for v, a in accuracy.items() if a == champion_acc)
+            for g in promoted:
+                assert g["decision"]["champion_version"] == before, (rnd, got)
+                assert g["accuracy"] > g["decision"]["champion_test_accuracy"]
+                before = g["version"]
+            for g in got:
+                d = g["decision"]
+                if not d["promoted"]:
+                    assert g["accuracy"] <= d["champion_test_accuracy"], g
+                    assert tags(g["version"])["promotion"] == "rejected"
+                else:
+                    assert tags(g["version"])["promotion"] == "promoted"
+            # no version with lower accuracy than a promoted one holds champion
+            assert all(accuracy[current["champion"]] >= g["accuracy"] for g in promoted)
+            champion_acc = accuracy[best]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    holders = [row["version"] for row in registry.list_versions(NAME)
+               if "champion" in row["aliases"]]
+    assert holders == [int(max(accuracy, key=accuracy.get))]
+
+
+# -- promote, rollback ------------------------------------------------------------------------
+
+def test_rollback_restores_previous_champion_and_swaps(model_uri):
+    v1 = new_version(model_uri, 0.5)
+    gate(v1, 0.5)
+    v2 = new_version(model_uri, 0.8)
+    gate(v2, 0.8)
+    assert aliases()["champion"] == v2
+
+    out = registry.rollback(NAME)
+    assert out["champion"] == v1 and out["previous_champion"] == v2
+    assert aliases()["champion"] == v1
+    assert aliases()["previous-champion"] == v2
+    assert tags(v2)["promotion"] == "rolled back"
+    assert registry.model_uri(NAME, "champion") == f"models:/{NAME}@champion"
+    assert registry.resolved_version(NAME, "champion") == v1
+
+    back = registry.rollback(NAME)  # the two swap again
+    assert back["champion"] == v2 and back["previous_champion"] == v1
+    assert aliases()["champion"] == v2
+    assert aliases()["previous-champion"] == v1
+
+
+def test_rollback_without_previous_champion_explains(model_uri):
+    v1 = new_version(model_uri, 0.5)
+    gate(v1, 0.5)
+    with pytest.raises(RegistryError, match="nothing to roll back") as err:
+        registry.rollback(NAME)
+    assert "previous-champion" in str(err.value)
+    assert aliases()["champion"] == v1  # unchanged
+
+
+def test_promote_by_hand_and_missing_version(model_uri):
+    v1 = new_version(model_uri, 0.5)
+    gate(v1, 0.5)
+    v2 = new_version(model_uri, 0.1)
+    assert gate(v2, 0.1)["promoted"] is False
+
+    out = registry.promote(NAME, 2)  # an int works as well as a string
+    assert out == {"model_name": NAME, "champion": v2, "previous_champion": v1,
+                   "decided_at": out["decided_at"]}
+    assert aliases()["champion"] == v2
+    assert aliases()["previous-champion"] == v1
+    assert tags(v2)["promotion"] == "promoted by hand"
+
+    with pytest.raises(RegistryError) as err:
+        registry.promote(NAME, 99)
+    msg = str(err.value)
+    assert "no version 99" in msg
+    assert "[1, 2]" in msg  # the versions that do exist
+    assert aliases()["champion"] == v2  # unchanged
+
+
+def test_model_uri_without_champion_says_how_to_get_one(model_uri):
+    new_version(model_uri, 0.5)  # registered (challenger) but never gated
+    with pytest.raises(RegistryError) as err:
+        registry.model_uri(NAME, "champion")
+    msg = str(err.value)
+    assert "alias 'champion'" in msg
+    assert "dvc repro" in msg and "promote" in msg
+    with pytest.raises(RegistryError, match="alias 'staging'.*promote"):
+        registry.model_uri(NAME, "staging")
+    with pytest.raises(RegistryError, match="no version 7; versions: \\[1\\]"):
+        registry.model_uri(NAME, "7")
+    assert registry.model_uri(NAME, "challenger") == f"models:/{NAME}@challenger"
+    assert registry.model_uri(NAME, "1") == f"models:/{NAME}/1"
+    assert registry.resolved_version(NAME, "challenger") == "1"
+    assert registry.resolved_version(NAME, "01") == "1"
+
+
+def test_unknown_model_says_registry_is_empty(store):
+    for call in (lambda: registry.model_uri("nope", "champion"),
+                 lambda: registry.model_uri("nope", "3"),
+                 lambda: registry.list_versions("nope"),
+                 lambda: registry.promote("nope", 1),
+                 lambda: registry.rollback("nope")):
+        with pytest.raises(RegistryError) as err:
+            call()
+        msg = str(err.value)
+        assert "'nope' does not exist" in msg
+        assert "registry is empty" in msg
+        assert store in msg  # names the store that was looked at
+
+
+def test_list_versions_newest_first_with_aliases(model_uri):
+    v1 = new_version(model_uri, 0.5)
+    gate(v1, 0.5)
+    v2 = new_version(model_uri, 0.75)
+    gate(v2, 0.75)
+    v3 = new_version(model_uri, 0.25)  # registered, not gated
+
+    rows = registry.list_versions(NAME)
+    assert [r["version"] for r in rows] == [3, 2, 1]
+    assert [r["aliases"] for r in rows] == [["challenger"], ["champion"], ["previous-champion"]]
+    assert [r["test_accuracy"] for r in rows] == ["0.250000", "0.750000", "0.500000"]
+    assert [r["test_macro_f1"] for r in rows] == ["0.125000", "0.375000", "0.250000"]
+    assert [r["promotion"] for r in rows] == [None, "promoted", "promoted"]
+    for r in rows:
+        dt.datetime.fromisoformat(r["created"])
+    assert v3 == "3"
+
+    gate(v3, 0.25)  # rejected: aliases do not move
+    assert [r["aliases"] for r in registry.list_versions(NAME)] == [
+        ["challenger"], ["champion"], ["previous-champion"]]
+
+
+def test_promotion_lock_lives_beside_the_sqlite_store(store):
+    assert registry.lock_path() == Path(store.removeprefix("sqlite:///")).parent / "registry.lock"
+    with registry.promotion_lock():
+        assert registry.lock_path().exists()

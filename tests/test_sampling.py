@@ -1,0 +1,132 @@
+import shutil
+
+import pandas as pd
+import pytest
+from conftest import SHARED_MINI, tiny_params
+from PIL import Image
+
+from pipeline.config import SampleConfig, SplitConfig
+from pipeline.sampling import SampleError, draw_sample, split_sample
+from pipeline.sources import index_food101
+
+
+def _draw(root, tmp_path, name="u", **sample):
+    params = tiny_params(sample=sample)
+    r, index, classes = index_food101(root)
+    return draw_sample(r, index, classes, params.sample, 32, tmp_path / name), index
+
+
+def test_same_seed_same_manifests(tiny_demo, tmp_path):
+    a, _ = _draw(tiny_demo, tmp_path, "a")
+    b, _ = _draw(tiny_demo, tmp_path, "b")
+    c, _ = _draw(tiny_demo, tmp_path, "c", seed=99)
+    pd.testing.assert_frame_equal(a.sample, b.sample)
+    pd.testing.assert_frame_equal(a.test, b.test)
+    pd.testing.assert_frame_equal(a.unlabeled_key, b.unlabeled_key)
+    assert not a.sample.equals(c.sample)
+    ta, va = split_sample(a.sample, SplitConfig())
+    tb, vb = split_sample(b.sample, SplitConfig())
+    pd.testing.assert_frame_equal(ta, tb)
+    pd.testing.assert_frame_equal(va, vb)
+
+
+def test_lists_are_respected_and_sets_disjoint(tiny_demo, tmp_path):
+    res, index = _draw(tiny_demo, tmp_path)
+    train_list = set(index.loc[index["split"] == "train", "path"])
+    test_list = set(index.loc[index["split"] == "test", "path"])
+    train, val = split_sample(res.sample, SplitConfig(val_fraction=0.25))
+    sets = {
+        "train": set(train["path"]), "val": set(val["path"]), "test": set(res.test["path"]),
+        "unlabeled": set(res.unlabeled_key["source_path"]),
+    }
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not sets[a] & sets[b], f"{a} and {b} overlap"
+    assert sets["train"] | sets["val"] <= train_list
+    assert sets["test"] | sets["unlabeled"] <= test_list
+    assert len(train) + len(val) == 48 and len(res.test) == 16 and len(res.unlabeled_key) == 6
+
+
+def test_unlabeled_files_have_neutral_names_and_a_separate_key(tiny_demo, tmp_path):
+    res, _ = _draw(tiny_demo, tmp_path)
+    files = sorted(p.name for p in (tmp_path / "u").iterdir())
+    assert files == sorted(res.unlabeled_key["file"])
+    for row in res.unlabeled_key.itertuples():
+        assert row.file.startswith("img_") and row.label not in row.file
+        assert (tmp_path / "u" / row.file).read_bytes() == (tiny_demo / row.source_path).read_bytes()
+
+
+def test_stratified_counts_differ_by_at_most_one(tiny_demo, tmp_path):
+    res, _ = _draw(tiny_demo, tmp_path, size=50, test_size=14)
+    for df in (res.sample, res.test):
+        counts = df["label"].value_counts()
+        assert len(counts) == 4 and counts.max() - counts.min() <= 1
+    train, val = split_sample(res.sample, SplitConfig(val_fraction=0.2))
+    assert len(val) == 10
+    assert val["label"].value_counts().max() - val["label"].value_counts().min() <= 1
+
+
+def test_class_selection(tiny_demo, tmp_path):
+    res, index = _draw(tiny_demo, tmp_path, size=20, test_size=6, classes=2)
+    first_two = sorted(index["label"].unique())[:2]
+    assert sorted(res.sample["label"].unique()) == first_two
+    assert res.report["classes"] == first_two
+    with pytest.raises(SampleError, match="unknown class"):
+        _draw(tiny_demo, tmp_path, classes=["nope", first_two[0]])
+
+
+def test_over_large_sample_is_a_clear_error(tiny_demo, tmp_path):
+    with pytest.raises(SampleError) as err:
+        _draw(tiny_demo, tmp_path, size=65)
+    msg = str(err.value)
+    assert "asked for 65" in msg and "hold only 64" in msg and ": 16" in msg
+    with pytest.raises(SampleError, match="asked for 40"):
+        _draw(tiny_demo, tmp_path, test_size=40)
+
+
+def test_bad_files_are_skipped_reported_or_converted(tiny_demo, tmp_path):
+    root = tmp_path / "food"
+    shutil.copytree(tiny_demo, root)
+    _, index, _ = index_food101(root)
+    train = index.loc[index["split"] == "train", "path"].tolist()
+    bad = {train[0]: "truncated", train[1]: "zero-byte", train[2]: "text"}
+    data = (root / train[0]).read_bytes()
+    (root / train[0]).write_bytes(data[: len(data) // 3])
+    (root / train[1]).write_bytes(b"")
+    (root / train[2]).write_text("hello, not a jpeg")
+    # Odd but valid images, saved under their .jpg names: they must be converted, not skipped.
+    Image.open(root / train[3]).convert("CMYK").save(root / train[3], "JPEG")
+    pal = Image.open(root / train[4]).convert("P")
+    pal.save(root / train[4], "PNG", transparency=0)
+    Image.open(root / train[5]).convert("I;16").save(root / train[5], "PNG")
+    res, _ = _draw(root, tmp_path, size=len(train) - len(bad))
+    report = res.report
+    assert report["skipped_count"] == 3
+    assert {s["path"] for s in report["skipped"]} == set(bad)
+    assert all(s["reason"] and s["split"] == "train" for s in report["skipped"])
+    assert not set(bad) & set(res.sample["path"])
+    assert {train[3], train[4], train[5]} <= set(res.sample["path"])
+    counts = res.sample["label"].value_counts()
+    assert counts.max() - counts.min() <= 1 or counts.min() == 16 - 3  # short class took all
+
+
+def test_split_needs_every_class_on_both_sides():
+    df = pd.DataFrame({"path": list("abcd"), "label": ["x", "x", "y", "y"],
+                       "class_index": [0, 0, 1, 1]})
+    with pytest.raises(SampleError, match="split.val_fraction"):
+        split_sample(df, SplitConfig(val_fraction=0.1))
+
+
+def test_real_food101_photos_train_and_test_lists(tiny_demo, tmp_path):
+    """On the shared Food-101 subset (real photos, official lists) when it is there."""
+    root = SHARED_MINI if (SHARED_MINI / "meta" / "train.txt").exists() else tiny_demo
+    r, index, classes = index_food101(root)
+    cfg = SampleConfig(size=4 * len(classes), test_size=2 * len(classes), unlabeled_size=5)
+    res = draw_sample(r, index, classes, cfg, 128, tmp_path / "u")
+    train_list = {f"images/{ln}.jpg" for ln in (r / "meta/train.txt").read_text().split()}
+    test_list = {f"images/{ln}.jpg" for ln in (r / "meta/test.txt").read_text().split()}
+    assert set(res.sample["path"]) <= train_list
+    assert set(res.test["path"]) | set(res.unlabeled_key["source_path"]) <= test_list
+    assert res.sample["label"].value_counts().eq(4).all()
+    assert res.report["skipped_count"] == 0
