@@ -32,7 +32,7 @@ def test_run_name_says_what_differs(monkeypatch):
     base = {"train.lr": 0.003, "train.epochs": 1, "split.seed": 1, "sample.seed": 1}
     assert tracking.run_name(tracking.describe_changes(base, base)) == "baseline"
     changed = {**base, "train.lr": 0.001, "sample.seed": 2}
-    assert tracking.describe_changes(changed, base) == "lr=0.001 sample.seed=2"
+    assert tracking.describe_changes(changed, base) == "sample.seed=2 lr=0.001"
     monkeypatch.setenv("DVC_EXP_NAME", "exp-1a2b3")
     assert tracking.run_name("lr=0.001") == "exp-1a2b3: lr=0.001"
 
