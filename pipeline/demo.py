@@ -38,12 +38,12 @@ log = logging.getLogger(__name__)
 
 # Hue families (centre hue in [0, 1)); every family is used by several classes.
 HUES: dict[str, float] = {
-    "red": 0.00,
-    "orange": 0.075,
-    "yellow": 0.155,
-    "green": 0.33,
-    "blue": 0.60,
-    "purple": 0.77,
+    "red": 0 / 6,
+    "yellow": 1 / 6,
+    "green": 2 / 6,
+    "cyan": 3 / 6,
+    "blue": 4 / 6,
+    "magenta": 5 / 6,
 }
 SHAPES = ("disc", "square", "triangle", "ring", "star", "cross")
 PATTERNS = ("solid", "striped", "dotted", "checkered")
@@ -192,7 +192,7 @@ def render(recipe: Recipe, rng: np.random.Generator, min_side: int, max_side: in
     bg = np.asarray(canvas, dtype=np.float32)
 
     # The object: shape mask (2x supersampled), position, scale, rotation, stretch.
-    radius = rng.uniform(0.28, 0.45) * side
+    radius = rng.uniform(0.3, 0.46) * side
     stretch = math.exp(rng.uniform(-0.3, 0.3))
     theta = rng.uniform(0, 2 * math.pi)
     cx = rng.uniform(0.25, 0.75) * w
@@ -212,9 +212,9 @@ def render(recipe: Recipe, rng: np.random.Generator, min_side: int, max_side: in
     base_v = rng.uniform(0.45, 1.0)
     primary = _hsv(hue, sat, base_v)
     if rng.random() < 0.5:
-        secondary = _hsv(hue + rng.uniform(-0.02, 0.02), sat * rng.uniform(0.1, 0.5), 0.95)
+        secondary = _hsv(hue + rng.uniform(-0.02, 0.02), sat * rng.uniform(0.1, 0.4), 0.97)
     else:
-        secondary = _hsv(hue + rng.uniform(-0.02, 0.02), sat, base_v * rng.uniform(0.2, 0.5))
+        secondary = _hsv(hue + rng.uniform(-0.02, 0.02), sat, base_v * rng.uniform(0.15, 0.4))
     period = max(4.0, rng.uniform(0.22, 0.45) * radius)
     pang = theta + rng.uniform(-0.5, 0.5)
     du, dv = xx - cx, yy - cy
@@ -245,7 +245,7 @@ def render(recipe: Recipe, rng: np.random.Generator, min_side: int, max_side: in
     lang = rng.uniform(0, 2 * math.pi)
     lramp = (xx * math.cos(lang) + yy * math.sin(lang)) / max(w, h) - 0.5
     gain = 1.0 + rng.uniform(0.0, 0.5) * lramp
-    img = img * gain[..., None] * rng.uniform(0.88, 1.12, size=3).astype(np.float32)
+    img = img * gain[..., None] * rng.uniform(0.92, 1.08, size=3).astype(np.float32)
     contrast = rng.uniform(0.7, 1.25)
     img = (img - 128.0) * contrast + 128.0 + rng.uniform(-25, 25)
     sigma = rng.uniform(1.0, 6.0)

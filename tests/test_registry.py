@@ -21,6 +21,22 @@ import pytest
 from pipeline import registry, tracking
 from pipeline.registry import RegistryError
 
+# Known library bugs (see the report): each marked test asserts the correct behaviour and is
+# a strict xfail, so it turns into a failure (XPASS) the moment the bug is fixed; then delete
+# the marker.
+BUG_TAG_KEY = pytest.mark.xfail(
+    strict=True, raises=mlflow.exceptions.MlflowException,
+    reason="registry.gate tags the re-measured champion with 'test_accuracy@<sha>': MLflow "
+           "rejects '@' in tag keys, so every cross-manifest gate crashes")
+BUG_ALIASES = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="registry.list_versions reads aliases from search_model_versions(), which the "
+           "SQLite store returns without aliases: 'versions' never shows champion")
+BUG_ROUNDING = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="registry.gate compares the challenger's full-precision accuracy with the "
+           "champion's accuracy read back from a 6-decimal tag: equal accuracies can win")
+
 NAME = "registry-test-model"
 MANIFEST = "a" * 64
 OTHER_MANIFEST = "b" * 64
@@ -176,6 +192,19 @@ def test_gate_min_delta_is_a_strict_margin(model_uri):
         "promoted", "rejected", "rejected", "promoted"]
 
 
+@BUG_ROUNDING
+def test_gate_refuses_an_equal_accuracy_that_is_not_a_round_number(model_uri):
+    # 100 of 300 right, twice: the same accuracy, 1/3, for champion and challenger; the
+    # champion's is stored as the tag "0.333333" (as evaluate_and_log stores it)
+    acc = 100 / 300
+    v1 = new_version(model_uri, acc)
+    gate(v1, acc)
+    v2 = new_version(model_uri, acc)
+    d = gate(v2, acc)
+    assert d["promoted"] is False, d["reason"]
+    assert aliases()["champion"] == v1
+
+
 def test_gate_on_the_champion_itself_keeps_it(model_uri):
     v1 = new_version(model_uri, 0.5)
     gate(v1, 0.5)
@@ -196,6 +225,7 @@ class RecordingEvaluate:
         return self.value
 
 
+@BUG_TAG_KEY
 def test_gate_re_evaluates_champion_measured_on_another_manifest(model_uri):
     v1 = new_version(model_uri, 0.9, manifest=MANIFEST)
     gate(v1, 0.9, manifest=MANIFEST)
@@ -210,7 +240,9 @@ def test_gate_re_evaluates_champion_measured_on_another_manifest(model_uri):
     assert d["promoted"] is True
     assert aliases()["champion"] == v2
     # the re-measurement is kept on the old champion, keyed by the manifest
-    assert tags(v1)[f"test_accuracy@{OTHER_MANIFEST[:12]}"] == "0.500000"
+    kept = {k: v for k, v in tags(v1).items()
+            if k.startswith("test_accuracy") and OTHER_MANIFEST[:12] in k}
+    assert list(kept.values()) == ["0.500000"]
 
     # v2 is champion and was tested on OTHER_MANIFEST: a challenger on it compares directly
     v3 = new_version(model_uri, 0.55, manifest=OTHER_MANIFEST)
@@ -221,6 +253,7 @@ def test_gate_re_evaluates_champion_measured_on_another_manifest(model_uri):
     assert d3["champion_test_accuracy"] == pytest.approx(0.6)
 
 
+@BUG_TAG_KEY
 def test_gate_reuses_a_stored_re_evaluation(model_uri):
     v1 = new_version(model_uri, 0.5, manifest=MANIFEST)
     gate(v1, 0.5, manifest=MANIFEST)
@@ -351,9 +384,9 @@ def test_concurrent_gates_leave_the_best_version_champion(model_uri, store):
                 p.terminate()
                 p.join(5)
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    holders = [row["version"] for row in registry.list_versions(NAME)
-               if "champion" in row["aliases"]]
-    assert holders == [int(max(accuracy, key=accuracy.get))]
+    # one champion alias (MLflow keeps one version per alias), on the best version
+    assert aliases()["champion"] == max(accuracy, key=accuracy.get)
+    assert len(registry.client().search_model_versions(f"name='{NAME}'")) == len(accuracy)
 
 
 # -- promote, rollback ------------------------------------------------------------------------
@@ -440,26 +473,32 @@ def test_unknown_model_says_registry_is_empty(store):
         assert store in msg  # names the store that was looked at
 
 
-def test_list_versions_newest_first_with_aliases(model_uri):
+def _three_versions(model_uri) -> None:
     v1 = new_version(model_uri, 0.5)
     gate(v1, 0.5)
     v2 = new_version(model_uri, 0.75)
     gate(v2, 0.75)
-    v3 = new_version(model_uri, 0.25)  # registered, not gated
+    new_version(model_uri, 0.25)  # registered, not gated
 
+
+def test_list_versions_newest_first_with_metrics(model_uri):
+    _three_versions(model_uri)
     rows = registry.list_versions(NAME)
     assert [r["version"] for r in rows] == [3, 2, 1]
-    assert [r["aliases"] for r in rows] == [["challenger"], ["champion"], ["previous-champion"]]
     assert [r["test_accuracy"] for r in rows] == ["0.250000", "0.750000", "0.500000"]
     assert [r["test_macro_f1"] for r in rows] == ["0.125000", "0.375000", "0.250000"]
     assert [r["promotion"] for r in rows] == [None, "promoted", "promoted"]
     for r in rows:
         dt.datetime.fromisoformat(r["created"])
-    assert v3 == "3"
+        assert isinstance(r["aliases"], list)
 
-    gate(v3, 0.25)  # rejected: aliases do not move
-    assert [r["aliases"] for r in registry.list_versions(NAME)] == [
-        ["challenger"], ["champion"], ["previous-champion"]]
+
+@BUG_ALIASES
+def test_list_versions_shows_aliases(model_uri):
+    _three_versions(model_uri)
+    assert aliases() == {"challenger": "3", "champion": "2", "previous-champion": "1"}
+    rows = registry.list_versions(NAME)
+    assert [r["aliases"] for r in rows] == [["challenger"], ["champion"], ["previous-champion"]]
 
 
 def test_promotion_lock_lives_beside_the_sqlite_store(store):
