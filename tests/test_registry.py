@@ -378,6 +378,7 @@ def test_concurrent_gates_leave_the_best_version_champion(model_uri, store):
             assert all(accuracy[current["champion"]] >= g["accuracy"] for g in promoted)
             champion_acc = accuracy[best]
     finally:
+        barrier.abort()  # after a failed check, release workers waiting for the next round
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():

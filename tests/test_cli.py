@@ -1,0 +1,254 @@
+"""``python -m pipeline ...``: registry commands and one-off predictions, run in-process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from PIL import Image
+
+from pipeline import registry, tracking
+from pipeline.cli import DEFAULT_NAME, main
+
+NAME = "cli-test-model"
+
+BUG_ALIASES = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="registry.list_versions reads aliases from search_model_versions(), which the "
+           "SQLite store returns without aliases: 'versions' never shows champion")
+
+
+class EchoModel(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite database with its schema (migrations take ~5 s per new store)."""
+    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
+    if not path.exists():
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts")).engine.dispose()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def store(mlflow_store, migrated_db) -> str:
+    """conftest's fresh ``mlflow_store`` for every test, its database copied from the template.
+
+    Autouse, so it is set up before ``trained_run`` writes to the store.
+    """
+    db = Path(mlflow_store.removeprefix("sqlite:///"))
+    assert not db.exists()
+    shutil.copyfile(migrated_db, db)
+    return mlflow_store
+
+
+@pytest.fixture()
+def versions(store):
+    """Register ``n`` versions of a trivial logged model under NAME; returns a function."""
+    exp = tracking.ensure_experiment("cli-tests")
+    with mlflow.start_run(experiment_id=exp):
+        uri = mlflow.pyfunc.log_model(name="model", python_model=EchoModel(),
+                                      pip_requirements=["mlflow"]).model_uri
+
+    def make(*accuracies: float) -> list[str]:
+        return [registry.register(uri, NAME, {"test_accuracy": f"{a:.6f}",
+                                              "test_manifest_sha256": "m" * 64})
+                for a in accuracies]
+
+    return make
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["--name", NAME, *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def gate(version: str, accuracy: float) -> dict:
+    return registry.gate(NAME, version, accuracy, "m" * 64, 0.0, lambda uri: 0.0)
+
+
+# -- errors: exit 2, one clear line on stderr, nothing on stdout ---------------------------------
+
+def test_versions_on_empty_registry(capsys, store):
+    code, out, err = cli(capsys, "versions")
+    assert code == 2
+    assert out == ""
+    assert err.startswith(f"error: registered model '{NAME}' does not exist")
+    assert "registry is empty" in err
+    assert "dvc repro" in err  # says how to get a first version
+    assert "Traceback" not in err
+
+
+def test_promote_unknown_version_names_known_versions(capsys, versions):
+    code, out, err = cli(capsys, "promote", "99")  # nothing registered yet
+    assert code == 2 and "registry is empty" in err
+
+    versions(0.5, 0.6)
+    code, out, err = cli(capsys, "promote", "99")
+    assert code == 2
+    assert out == ""
+    assert err.startswith("error:")
+    assert "no version 99" in err
+    assert "versions: [1, 2]" in err
+    assert registry.alias_version(NAME, "champion") is None  # nothing changed
+
+
+def test_rollback_with_nothing_to_roll_back(capsys, versions):
+    code, _, err = cli(capsys, "rollback")
+    assert code == 2 and "registry is empty" in err
+
+    (v1,) = versions(0.5)
+    gate(v1, 0.5)
+    code, out, err = cli(capsys, "rollback")
+    assert code == 2
+    assert out == ""
+    assert "nothing to roll back" in err
+    assert "previous-champion" in err
+    assert str(registry.alias_version(NAME, "champion").version) == v1
+
+
+def test_predict_missing_file(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "there.jpg")
+    code, out, err = cli(capsys, "predict", "missing.jpg")
+    assert code == 2
+    assert out == ""
+    assert err.strip() == "error: no such file(s): missing.jpg"
+
+    code, _, err = cli(capsys, "predict", "there.jpg", "gone.png", "missing.jpg")
+    assert code == 2
+    assert "gone.png, missing.jpg" in err
+    assert "there.jpg" not in err
+
+
+def test_predict_without_champion(capsys, tmp_path, versions):
+    image = tmp_path / "dish.jpg"
+    Image.new("RGB", (40, 40), "blue").save(image)
+    versions(0.5)  # registered, never promoted
+    code, out, err = cli(capsys, "predict", str(image))
+    assert code == 2
+    assert out == ""
+    assert "no version with alias 'champion'" in err
+    assert "promote" in err
+    code, _, err = cli(capsys, "predict", str(image), "--model", "3")
+    assert code == 2
+    assert "no version 3; versions: [1]" in err
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["promote", "latest"])  # the version must be a number
+    assert exc.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+
+
+def test_name_defaults_to_params_yaml(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["versions"]) == 2
+    assert f"'{DEFAULT_NAME}' does not exist" in capsys.readouterr().err
+    (tmp_path / "params.yaml").write_text("registry:\n  model_name: my-dishes\n")
+    assert main(["versions"]) == 2
+    assert "'my-dishes' does not exist" in capsys.readouterr().err
+
+
+# -- success paths -----------------------------------------------------------------------------
+
+def test_promote_and_rollback(capsys, versions):
+    v1, v2 = versions(0.5, 0.4)
+    gate(v1, 0.5)
+    assert gate(v2, 0.4)["promoted"] is False
+
+    code, out, err = cli(capsys, "promote", "2")
+    assert (code, err) == (0, "")
+    assert out.strip() == f"{NAME}: champion is now v2 (previous-champion: v1)"
+    assert str(registry.alias_version(NAME, "champion").version) == "2"
+
+    code, out, err = cli(capsys, "rollback")
+    assert (code, err) == (0, "")
+    assert out.strip() == f"{NAME}: rolled back, champion is now v1 (previous-champion: v2)"
+    assert str(registry.alias_version(NAME, "champion").version) == "1"
+    assert str(registry.alias_version(NAME, "previous-champion").version) == "2"
+
+
+def _table(out: str) -> tuple[list[str], list[list[str]]]:
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    return lines[0].split(), [line.split() for line in lines[1:]]
+
+
+def test_versions_lists_newest_first(capsys, versions):
+    v1, v2 = versions(0.5, 0.75)
+    gate(v1, 0.5)
+    gate(v2, 0.75)
+    code, out, err = cli(capsys, "versions")
+    assert (code, err) == (0, "")
+    header, rows = _table(out)
+    assert header == ["version", "aliases", "test_accuracy", "test_macro_f1", "promotion",
+                      "created", "run_id"]
+    assert [r[0] for r in rows] == ["2", "1"]
+    assert "0.750000" in rows[0] and "0.500000" in rows[1]
+    assert "promoted" in rows[0] and "promoted" in rows[1]
+
+
+@BUG_ALIASES
+def test_versions_shows_champion(capsys, versions):
+    v1, v2 = versions(0.5, 0.75)
+    gate(v1, 0.5)
+    gate(v2, 0.75)
+    code, out, _ = cli(capsys, "versions")
+    assert code == 0
+    _, rows = _table(out)
+    assert rows[0][:2] == ["2", "challenger,champion"]
+    assert rows[1][:2] == ["1", "previous-champion"]
+
+
+def test_predict_with_a_trained_champion(capsys, trained_run, tmp_path):
+    from pipeline.jobs import evaluate_and_log
+
+    data, out = trained_run
+    name = data.params.registry.model_name
+    ev = evaluate_and_log(data.params, data.root, data.classes, data.manifests["test"],
+                          {"run_id": out.run_id, "model_uri": out.model_uri}, tmp_path / "figs")
+    assert ev.decision["promoted"] is True
+
+    images = [str(data.root / p) for p in data.test["path"].head(2)]
+    assert main(["--name", name, "predict", *images]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    header, rows = _table(captured.out)
+    assert header == ["file", "label", "confidence", "top5"]
+    assert [r[0] for r in rows] == images
+    for r in rows:
+        assert r[1] in data.classes
+        assert 0.0 <= float(r[2]) <= 1.0
+        top5 = " ".join(r[3:])  # "label 0.40, label 0.30, ..."
+        assert len(top5.split(", ")) == min(5, len(data.classes))
+        assert top5.startswith(r[1] + " ")
+
+    assert main(["--name", name, "predict", "--json", "--model", "1", *images]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [rec["file"] for rec in records] == images
+    assert [rec["label"] for rec in records] == [r[1] for r in rows]  # v1 is the champion
+    for rec in records:
+        top = json.loads(rec["top5"])
+        assert top[0][0] == rec["label"]
+        assert top[0][1] == pytest.approx(rec["confidence"], abs=1e-6)
+
+    assert main(["--name", name, "versions"]) == 0
+    _, vrows = _table(capsys.readouterr().out)
+    assert len(vrows) == 1
+    assert vrows[0][0] == "1"
+    assert f"{ev.metrics['test_accuracy']:.6f}" in vrows[0]
+    assert "promoted" in vrows[0]
+    assert out.run_id in vrows[0]
