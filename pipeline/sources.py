@@ -145,9 +145,6 @@ def materialise(data: DataConfig, demo: DemoConfig, out_dir: Path) -> dict:
     For ``demo`` the images themselves are generated into ``out_dir`` (Food-101 layout).
     """
     start = time.perf_counter()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
     if data.source == "demo":
         from pipeline.demo import generate_demo
 
@@ -164,14 +161,18 @@ def materialise(data: DataConfig, demo: DemoConfig, out_dir: Path) -> dict:
         )
         root, index, classes = index_food101(out_dir)
         root_ref = "."  # relative to out_dir: survives moves and DVC experiment workspaces
-    elif data.source == "food101":
-        root, index, classes = index_food101(resolve_user_path(data.root), data.download)
-        root_ref = str(root)
     else:
-        root, index, classes = index_imagefolder(
-            resolve_user_path(data.root), data.test_fraction, data.seed
-        )
+        # Index (and validate) the external folder before touching out_dir.
+        if data.source == "food101":
+            root, index, classes = index_food101(resolve_user_path(data.root), data.download)
+        else:
+            root, index, classes = index_imagefolder(
+                resolve_user_path(data.root), data.test_fraction, data.seed
+            )
         root_ref = str(root)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
     index.to_csv(out_dir / INDEX_FILE, index=False)
     summary = {
         "source": data.source,

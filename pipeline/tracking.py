@@ -14,11 +14,21 @@ import logging
 import os
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+
+# MLflow hints that do not apply here: the signature is explicit, the manifests' class_index
+# never has missing values, and the dataset source is a local CSV either way.
+for _msg in (
+    r".*Add type hints to the `predict` method.*",
+    r".*Inferred schema contains integer column.*",
+    r".*dataset source can be interpreted in multiple ways.*",
+):
+    warnings.filterwarnings("ignore", message=_msg)
 
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402

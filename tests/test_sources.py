@@ -63,3 +63,17 @@ def test_materialise_food101_records_absolute_root(tiny_demo, tmp_path):
     assert root == tiny_demo and len(index) == 96
     with pytest.raises(SourceError, match="run `dvc repro prepare`"):
         load_index(tmp_path / "nothing")
+
+
+def test_download_failure_offline_is_explained(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(root, download):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "Food101", offline)
+    with pytest.raises(SourceError, match="could not be downloaded") as err:
+        index_food101(tmp_path / "food", download=True)
+    assert "place the extracted food-101/ folder there" in str(err.value)
