@@ -38,6 +38,10 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "none"
+
+
 def cmd_versions(args: argparse.Namespace) -> None:
     from pipeline import registry
 
@@ -53,8 +57,11 @@ def cmd_promote(args: argparse.Namespace) -> None:
     from pipeline import registry
 
     out = registry.promote(args.name, args.version)
+    if out.get("unchanged"):
+        print(f"{args.name}: v{out['champion']} is already the champion")
+        return
     print(f"{args.name}: champion is now v{out['champion']} "
-          f"(previous-champion: v{out['previous_champion']})")
+          f"(previous-champion: {_v(out['previous_champion'])})")
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
@@ -62,7 +69,7 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
     out = registry.rollback(args.name)
     print(f"{args.name}: rolled back, champion is now v{out['champion']} "
-          f"(previous-champion: v{out['previous_champion']})")
+          f"(previous-champion: {_v(out['previous_champion'])})")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -168,15 +168,18 @@ def render(recipe: Recipe, rng: np.random.Generator, min_side: int, max_side: in
     w = int(rng.integers(min_side, max_side + 1))
     h = int(rng.integers(min_side, max_side + 1))
     side = min(w, h)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    xs = np.arange(w, dtype=np.float32)[None, :]
+    ys = np.arange(h, dtype=np.float32)[:, None]
 
     # Background: a two-colour gradient in a random direction, then random clutter.
     c1 = _hsv(rng.random(), rng.uniform(0.0, 0.4), rng.uniform(0.2, 0.95))
     c2 = _hsv(rng.random(), rng.uniform(0.0, 0.4), rng.uniform(0.2, 0.95))
     ang = rng.uniform(0, 2 * math.pi)
-    ramp = (xx * math.cos(ang) + yy * math.sin(ang)) / max(w, h)
-    ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
-    bg = c1 + ramp[..., None] * (c2 - c1)
+    ramp = xs * np.float32(math.cos(ang)) + ys * np.float32(math.sin(ang))
+    ramp -= ramp.min()
+    ramp *= np.float32(1.0 / max(float(ramp.max()), 1e-6))
+    bg = ramp[..., None] * (c2 - c1)
+    bg += c1
     canvas = Image.fromarray(bg.astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(2, 8))):
@@ -188,26 +191,30 @@ def render(recipe: Recipe, rng: np.random.Generator, min_side: int, max_side: in
         y0, y1 = rng.uniform(-0.1, 1.1, size=2) * h
         width = int(rng.integers(1, max(2, side // 24) + 1))
         draw.line([(x0, y0), (x1, y1)], fill=_random_colour(rng), width=width)
-    canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 1.2))))
-    bg = np.asarray(canvas, dtype=np.float32)
+    blur = float(rng.uniform(0.0, 1.2))
+    if blur >= 0.3:
+        canvas = canvas.filter(ImageFilter.GaussianBlur(blur))
+    img = np.asarray(canvas, dtype=np.float32)
 
     # The object: shape mask (2x supersampled), position, scale, rotation, stretch.
-    radius = rng.uniform(0.3, 0.46) * side
+    radius = rng.uniform(0.38, 0.5) * side
     stretch = math.exp(rng.uniform(-0.3, 0.3))
     theta = rng.uniform(0, 2 * math.pi)
-    cx = rng.uniform(0.25, 0.75) * w
-    cy = rng.uniform(0.25, 0.75) * h
+    cx = rng.uniform(0.38, 0.62) * w
+    cy = rng.uniform(0.38, 0.62) * h
     rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
     scale = np.array([radius * stretch, radius / stretch])
     mask_img = Image.new("L", (2 * w, 2 * h), 0)
     mdraw = ImageDraw.Draw(mask_img)
-    for fill, poly in zip((255, 0), _outline(recipe.shape)):
+    for fill, poly in zip((255, 0), _outline(recipe.shape), strict=False):
         pts = (poly * scale) @ rot.T + (cx, cy)
         mdraw.polygon([(2 * x, 2 * y) for x, y in pts], fill=fill)
-    mask = np.asarray(mask_img.reduce(2), dtype=np.float32) / 255.0
+    mask = np.asarray(mask_img.reduce(2), dtype=np.float32)
+    mask *= np.float32(1 / 255)
 
-    # Surface: hue family with jitter; the pattern mixes a lighter and a darker tone.
-    hue = HUES[recipe.hue] + rng.uniform(-0.035, 0.035)
+    # Surface: hue family with jitter; the pattern mixes a lighter and a darker tone, and a
+    # soft shading gradient runs across the object.
+    hue = HUES[recipe.hue] + rng.uniform(-0.03, 0.03)
     sat = rng.uniform(0.55, 1.0)
     base_v = rng.uniform(0.45, 1.0)
     primary = _hsv(hue, sat, base_v)
@@ -217,13 +224,21 @@ def render(recipe: Recipe, rng: np.random.Generator, min_side: int, max_side: in
         secondary = _hsv(hue + rng.uniform(-0.02, 0.02), sat, base_v * rng.uniform(0.15, 0.4))
     period = max(4.0, rng.uniform(0.22, 0.45) * radius)
     pang = theta + rng.uniform(-0.5, 0.5)
-    du, dv = xx - cx, yy - cy
-    u = du * math.cos(pang) + dv * math.sin(pang) + rng.uniform(0, period)
-    v = -du * math.sin(pang) + dv * math.cos(pang) + rng.uniform(0, period)
-    p = _pattern(recipe.pattern, u, v, period)[..., None]
-    shade = 1.0 + rng.uniform(-0.25, 0.25) * (du * math.cos(ang) + dv * math.sin(ang)) / radius
-    obj = (primary + p * (secondary - primary)) * np.clip(shade, 0.5, 1.5)[..., None]
-    img = bg + mask[..., None] * (obj - bg)
+    du, dv = xs - np.float32(cx), ys - np.float32(cy)
+    cp, sp = np.float32(math.cos(pang)), np.float32(math.sin(pang))
+    u = du * cp + dv * sp + np.float32(rng.uniform(0, period))
+    v = dv * cp - du * sp + np.float32(rng.uniform(0, period))
+    pat = _pattern(recipe.pattern, u, v, period)
+    k = rng.uniform(-0.25, 0.25) / radius
+    shade = np.clip(1.0 + du * np.float32(k * math.cos(ang)) + dv * np.float32(k * math.sin(ang)),
+                    0.5, 1.5)  # fmt: skip
+    # img += mask * (shade * (primary + pat * (secondary - primary)) - img)
+    obj = pat[..., None] * (secondary - primary)
+    obj += primary
+    obj *= shade[..., None]
+    obj -= img
+    obj *= mask[..., None]
+    img += obj
 
     # Occasional partial occlusion by a random-coloured rectangle or blob.
     if rng.random() < 0.25:
@@ -233,24 +248,30 @@ def render(recipe: Recipe, rng: np.random.Generator, min_side: int, max_side: in
         oy = cy + rng.uniform(-1.0, 1.0) * radius
         orx, ory = rng.uniform(0.2, 0.5, size=2) * radius
         box = [ox - orx, oy - ory, ox + orx, oy + ory]
-        colour = _random_colour(rng)
+        colour = np.array(_random_colour(rng), dtype=np.float32)
         if rng.random() < 0.5:
             odraw.rectangle(box, fill=255)
         else:
             odraw.ellipse(box, fill=255)
-        om = np.asarray(occ, dtype=np.float32)[..., None] / 255.0
-        img = img + om * (np.array(colour, dtype=np.float32) - img)
+        om = np.asarray(occ, dtype=np.float32)[..., None] * np.float32(1 / 255)
+        img += om * (colour - img)
 
-    # Lighting gradient, white balance, brightness/contrast, then sensor noise.
+    # Lighting gradient, white balance, contrast/brightness, then sensor noise.
     lang = rng.uniform(0, 2 * math.pi)
-    lramp = (xx * math.cos(lang) + yy * math.sin(lang)) / max(w, h) - 0.5
-    gain = 1.0 + rng.uniform(0.0, 0.5) * lramp
-    img = img * gain[..., None] * rng.uniform(0.92, 1.08, size=3).astype(np.float32)
-    contrast = rng.uniform(0.7, 1.25)
-    img = (img - 128.0) * contrast + 128.0 + rng.uniform(-25, 25)
-    sigma = rng.uniform(1.0, 6.0)
-    img = img + rng.standard_normal((h, w, 3), dtype=np.float32) * np.float32(sigma)
-    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+    lk = rng.uniform(0.0, 0.5) / max(w, h)
+    gain = 1.0 - 0.5 * lk * max(w, h) + xs * np.float32(lk * math.cos(lang))
+    gain = gain + ys * np.float32(lk * math.sin(lang))
+    contrast = rng.uniform(0.75, 1.2)
+    balance = (rng.uniform(0.92, 1.08, size=3) * contrast).astype(np.float32)
+    offset = np.float32(128.0 * (1.0 - contrast) + rng.uniform(-20, 20) + 0.5)  # +0.5: rounding
+    img *= gain[..., None]
+    img *= balance
+    img += offset
+    noise = rng.standard_normal((h, w, 3), dtype=np.float32)
+    noise *= np.float32(rng.uniform(1.0, 5.0))
+    img += noise
+    np.clip(img, 0.0, 255.0, out=img)
+    return Image.fromarray(img.astype(np.uint8), "RGB")
 
 
 def encode(img: Image.Image, rng: np.random.Generator) -> bytes:
@@ -327,7 +348,9 @@ def generate_demo(
         raise ValueError(f"workers must be >= 1, got {workers}")
 
     start = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
+    if out_dir == Path(out_dir.anchor) or Path.cwd().is_relative_to(out_dir):
+        raise ValueError(f"refusing to replace {out_dir}: it is / or holds the working directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     _remove(tmp)

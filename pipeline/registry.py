@@ -172,7 +172,7 @@ def gate(
         elif str(champ.version) == str(version):
             promoted, reason = True, "already champion"
         else:
-            key = f"test_accuracy@{manifest_sha256[:12]}"
+            key = f"test_accuracy.{manifest_sha256[:12]}"  # MLflow tag keys allow no "@"
             if champ.tags.get("test_manifest_sha256") == manifest_sha256:
                 champ_acc = float(champ.tags["test_accuracy"])
             elif key in champ.tags:
@@ -183,7 +183,8 @@ def gate(
                 champ_acc = float(evaluate(f"models:/{name}/{champ.version}"))
                 c.set_model_version_tag(name, champ.version, key, f"{champ_acc:.6f}")
             decision["champion_test_accuracy"] = champ_acc
-            promoted = accuracy > champ_acc + min_delta
+            # Compare at the 6 decimals that version tags store, so equal scores tie.
+            promoted = round(accuracy, 6) > round(champ_acc + min_delta, 6)
             verb = "beats" if promoted else "does not beat"
             reason = (
                 f"test_accuracy {accuracy:.4f} {verb} champion v{champ.version}'s "
@@ -205,6 +206,11 @@ def promote(name: str, version: str | int) -> dict:
     mv = get_version(name, version, c)
     with promotion_lock():
         old = alias_version(name, CHAMPION, c)
+        if old is not None and str(old.version) == str(mv.version):
+            prev = alias_version(name, PREVIOUS, c)
+            return {"model_name": name, "champion": str(mv.version),
+                    "previous_champion": str(prev.version) if prev else None,
+                    "decided_at": _now(), "unchanged": True}
         _set_champion(c, name, mv.version, old)
         c.set_model_version_tag(name, mv.version, "promotion", "promoted by hand")
     return {"model_name": name, "champion": str(mv.version),
@@ -233,12 +239,16 @@ def rollback(name: str) -> dict:
 def list_versions(name: str) -> list[dict]:
     """Every version, newest first, with aliases and recorded metrics."""
     c = client()
-    _get_model(c, name)
+    model = _get_model(c, name)
+    # search_model_versions() on a SQLite store returns versions without their aliases.
+    by_version: dict[str, list[str]] = {}
+    for alias, ver in (model.aliases or {}).items():
+        by_version.setdefault(str(ver), []).append(alias)
     rows = []
     for mv in c.search_model_versions(f"name='{name}'"):
         rows.append({
             "version": int(mv.version),
-            "aliases": sorted(mv.aliases or []),
+            "aliases": sorted(by_version.get(str(mv.version), [])),
             "test_accuracy": mv.tags.get("test_accuracy"),
             "test_macro_f1": mv.tags.get("test_macro_f1"),
             "promotion": mv.tags.get("promotion"),

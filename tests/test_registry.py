@@ -21,22 +21,6 @@ import pytest
 from pipeline import registry, tracking
 from pipeline.registry import RegistryError
 
-# Known library bugs (see the report): each marked test asserts the correct behaviour and is
-# a strict xfail, so it turns into a failure (XPASS) the moment the bug is fixed; then delete
-# the marker.
-BUG_TAG_KEY = pytest.mark.xfail(
-    strict=True, raises=mlflow.exceptions.MlflowException,
-    reason="registry.gate tags the re-measured champion with 'test_accuracy@<sha>': MLflow "
-           "rejects '@' in tag keys, so every cross-manifest gate crashes")
-BUG_ALIASES = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="registry.list_versions reads aliases from search_model_versions(), which the "
-           "SQLite store returns without aliases: 'versions' never shows champion")
-BUG_ROUNDING = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="registry.gate compares the challenger's full-precision accuracy with the "
-           "champion's accuracy read back from a 6-decimal tag: equal accuracies can win")
-
 NAME = "registry-test-model"
 MANIFEST = "a" * 64
 OTHER_MANIFEST = "b" * 64
@@ -192,7 +176,6 @@ def test_gate_min_delta_is_a_strict_margin(model_uri):
         "promoted", "rejected", "rejected", "promoted"]
 
 
-@BUG_ROUNDING
 def test_gate_refuses_an_equal_accuracy_that_is_not_a_round_number(model_uri):
     # 100 of 300 right, twice: the same accuracy, 1/3, for champion and challenger; the
     # champion's is stored as the tag "0.333333" (as evaluate_and_log stores it)
@@ -225,7 +208,6 @@ class RecordingEvaluate:
         return self.value
 
 
-@BUG_TAG_KEY
 def test_gate_re_evaluates_champion_measured_on_another_manifest(model_uri):
     v1 = new_version(model_uri, 0.9, manifest=MANIFEST)
     gate(v1, 0.9, manifest=MANIFEST)
@@ -253,7 +235,6 @@ def test_gate_re_evaluates_champion_measured_on_another_manifest(model_uri):
     assert d3["champion_test_accuracy"] == pytest.approx(0.6)
 
 
-@BUG_TAG_KEY
 def test_gate_reuses_a_stored_re_evaluation(model_uri):
     v1 = new_version(model_uri, 0.5, manifest=MANIFEST)
     gate(v1, 0.5, manifest=MANIFEST)
@@ -494,7 +475,6 @@ def test_list_versions_newest_first_with_metrics(model_uri):
         assert isinstance(r["aliases"], list)
 
 
-@BUG_ALIASES
 def test_list_versions_shows_aliases(model_uri):
     _three_versions(model_uri)
     assert aliases() == {"challenger": "3", "champion": "2", "previous-champion": "1"}

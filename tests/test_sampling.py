@@ -54,7 +54,8 @@ def test_unlabeled_files_have_neutral_names_and_a_separate_key(tiny_demo, tmp_pa
     assert files == sorted(res.unlabeled_key["file"])
     for row in res.unlabeled_key.itertuples():
         assert row.file.startswith("img_") and row.label not in row.file
-        assert (tmp_path / "u" / row.file).read_bytes() == (tiny_demo / row.source_path).read_bytes()
+        copied = (tmp_path / "u" / row.file).read_bytes()
+        assert copied == (tiny_demo / row.source_path).read_bytes()
 
 
 def test_stratified_counts_differ_by_at_most_one(tiny_demo, tmp_path):
