@@ -211,7 +211,10 @@ def validate(p: Params) -> Params:
         "data.root",
         f"required for data.source={p.data.source!r}: the folder holding the images",
     )
-    _check(p.demo.classes >= 2, "demo.classes", "must be >= 2")
+    from pipeline.demo import MAX_CLASSES
+
+    _check(2 <= p.demo.classes <= MAX_CLASSES, "demo.classes",
+           f"must lie in [2, {MAX_CLASSES}] (one class per built-in recipe)")
     _check(p.demo.train_per_class >= 1, "demo.train_per_class", "must be >= 1")
     _check(p.demo.test_per_class >= 1, "demo.test_per_class", "must be >= 1")
     _check(p.demo.min_side >= 32, "demo.min_side", "must be >= 32 pixels")

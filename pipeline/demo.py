@@ -1,10 +1,14 @@
 """The embedded synthetic "demo" dataset, written in Food-101's own layout.
 
-Every class is a *recipe*: an object shape x a surface pattern x a hue family, named after
-exactly that (``striped_red_disc``). Several classes share a shape, a pattern or a hue, so no
-single cue gives the class away. Each image adds strong nuisance variation: image size and
-aspect, object position/scale/rotation/stretch, colour jitter, a cluttered random background,
-lighting gradients, brightness/contrast, Gaussian noise and occasional partial occlusion.
+Every class is a *recipe*: a surface pattern x a hue family x an object shape, named after
+exactly that (``striped_green_disc``). Several classes share a shape, a pattern or a hue, so
+no single cue gives the class away. Each image adds nuisance variation: image size and aspect,
+object position/scale/rotation/stretch (the object stays large and near the centre, spanning
+roughly 0.6-1.0 of the shorter side), colour jitter, a cluttered random background, lighting
+gradients, brightness/contrast, Gaussian noise and occasional partial occlusion.
+
+Difficulty was tuned so that a frozen, randomly initialised ResNet50 with a small trained head
+(on per-dimension standardised features) scores well above chance but far from 100%.
 
 Output (``out_dir``)::
 
@@ -64,12 +68,12 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        """The class name, e.g. ``striped_red_disc``."""
+        """The class name, e.g. ``striped_green_disc``."""
         return f"{self.pattern}_{self.hue}_{self.shape}"
 
     @property
     def label(self) -> str:
-        """The human-readable name, e.g. ``Striped red disc``."""
+        """The human-readable name, e.g. ``Striped green disc``."""
         return f"{self.pattern} {self.hue} {self.shape}".capitalize()
 
 
