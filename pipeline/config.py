@@ -85,7 +85,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     augment: bool = False
     seed: int = 0
-    feature_batch_size: int = 32
+    feature_batch_size: int = 16
     num_workers: int = 1
 
 
@@ -103,7 +103,7 @@ class RegistryConfig:
 @dataclass(frozen=True)
 class PredictConfig:
     model: str = "champion"  # an alias or a version number
-    batch_size: int = 32
+    batch_size: int = 16
 
 
 @dataclass(frozen=True)

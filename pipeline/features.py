@@ -26,7 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.imaging import load_image
-from pipeline.modeling import eval_transform, extract_features, preprocessing_spec
+from pipeline.modeling import (
+    INFERENCE_GRAPH,
+    eval_transform,
+    extract_features,
+    inference_backbone,
+    preprocessing_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,7 @@ def cache_key(arch: str, backbone_digest: str, image_size: int, precision: str) 
             "backbone": backbone_digest,
             "preprocessing": preprocessing_spec(image_size),
             "precision": precision,
+            "inference": INFERENCE_GRAPH,
         },
         sort_keys=True,
     )
@@ -123,6 +130,9 @@ def compute_features(
 ) -> tuple[np.ndarray, dict]:
     """Features [N,D] for ``paths`` (in order), computing only what ``store`` lacks.
 
+    ``backbone`` is the plain module (the cache key hashes its weights); extraction runs on
+    its :func:`inference_backbone` copy.
+
     Returns the features and stats: hits, misses, seconds, images/s of the extraction.
     """
     start = time.perf_counter()
@@ -133,7 +143,7 @@ def compute_features(
     computed: dict[str, np.ndarray] = {}
     extract_s = 0.0
     if todo:
-        backbone.eval()
+        fused = inference_backbone(backbone)
         loader = DataLoader(
             _ImageFiles([paths[i] for _, i in todo], image_size),
             batch_size=batch_size,
@@ -146,7 +156,7 @@ def compute_features(
         with tqdm(total=len(todo), desc="features", unit="img", mininterval=2) as bar:
             done = 0
             for batch in loader:
-                feats = extract_features(backbone, batch, precision).numpy()
+                feats = extract_features(fused, batch, precision).numpy()
                 batch_digests = [d for d, _ in todo[done : done + len(batch)]]
                 done += len(batch)
                 computed.update(zip(batch_digests, feats, strict=True))

@@ -23,6 +23,7 @@ try:  # inside the repository
         build_model,
         eval_transform,
         extract_features,
+        inference_backbone,
         prepare_for_inference,
         resolve_precision,
     )
@@ -32,6 +33,7 @@ except ModuleNotFoundError:  # inside the logged model: MLflow puts the carried 
         build_model,
         eval_transform,
         extract_features,
+        inference_backbone,
         prepare_for_inference,
         resolve_precision,
     )
@@ -72,6 +74,7 @@ class FoodClassifier(PythonModel):
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         self.model = prepare_for_inference(model)
+        self.backbone = inference_backbone(self.model.backbone)  # what extraction runs on
         self.transform = eval_transform(self.image_size)
 
     @torch.inference_mode()
@@ -85,7 +88,7 @@ class FoodClassifier(PythonModel):
                     for s in sources[i : i + self.batch_size]
                 ]
             )
-            feats = extract_features(self.model.backbone, batch, self.precision)
+            feats = extract_features(self.backbone, batch, self.precision)
             outs.append(self.model.head(feats))
         return torch.cat(outs) if outs else torch.zeros((0, len(self.classes)))
 

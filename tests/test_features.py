@@ -4,7 +4,7 @@ import numpy as np
 from conftest import tiny_params
 
 from pipeline.features import FeatureStore, cache_key, compute_features
-from pipeline.modeling import build_backbone, prepare_for_inference, state_digest
+from pipeline.modeling import build_backbone, state_digest
 from pipeline.training import train_model
 
 
@@ -52,7 +52,6 @@ def test_preprocessing_weights_or_image_change_miss(tiny_data, tmp_path):
 
 def test_cached_features_equal_fresh_ones(tiny_demo, tmp_path):
     backbone, _ = build_backbone("resnet50", "none", 0)
-    backbone = prepare_for_inference(backbone)
     paths = sorted((tiny_demo / "images").rglob("*.jpg"))[:10]
     key = cache_key("resnet50", state_digest(backbone), 32, "fp32")
     store = FeatureStore(tmp_path, key)
