@@ -95,7 +95,8 @@ def main() -> None:
 
     if not args.skip_exp:
         t0 = time.perf_counter()
-        proc = subprocess.run(["dvc", "exp", "run", "-S", "train.lr=0.001"],
+        dvc = str(Path(sys.executable).parent / "dvc")
+        proc = subprocess.run([dvc, "exp", "run", "-S", "train.lr=0.001"],
                               capture_output=True, text=True)
         out["dvc_exp_run_lr_s"] = round(time.perf_counter() - t0, 1)
         out["dvc_exp_run_ok"] = proc.returncode == 0
