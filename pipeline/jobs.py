@@ -15,15 +15,11 @@ import torch
 
 from pipeline import registry, tracking
 from pipeline.config import Params
-from pipeline.evaluation import (
-    classification_metrics,
-    confusion,
-    per_class_report,
-    plot_confusion,
-)
-from pipeline.modeling import preprocessing_spec
 from pipeline.paths import feature_cache_dir
-from pipeline.training import backbone_features, train_model, uses_feature_cache
+
+# Heavier modules (scikit-learn, matplotlib, the training code) are imported inside the
+# function that needs them: each stage is its own process, and start-up time is a large
+# part of a head-only `dvc exp run`.
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +46,9 @@ def train_and_log(
     baseline: dict | None,
 ) -> TrainOutputs:
     """Open the pipeline's MLflow run, train, log everything, and log the model."""
+    from pipeline.modeling import preprocessing_spec
+    from pipeline.training import train_model, uses_feature_cache
+
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train_df, val_df = read_manifest(manifests["train"]), read_manifest(manifests["val"])
     flat = params.flat()
@@ -117,6 +116,8 @@ class EvalOutputs:
 
 def _score_manifest(clf, root: Path, df: pd.DataFrame, cache_dir: Path | None, workers: int):
     """[N,C] probabilities of a loaded FoodClassifier on a manifest, via the feature cache."""
+    from pipeline.training import backbone_features
+
     feats, _ = backbone_features(
         clf.model.backbone, clf.meta["arch"], root, df, image_size=clf.image_size,
         precision=clf.precision, cache_dir=cache_dir, batch_size=clf.batch_size,
@@ -131,6 +132,9 @@ def evaluate_and_log(
     figures_dir: Path,
 ) -> EvalOutputs:
     """Score the run's logged model on the test manifest, log it, register it, gate it."""
+    from pipeline.evaluation import classification_metrics, confusion, per_class_report
+    from pipeline.plots import plot_confusion
+
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     test_df = read_manifest(test_manifest)
     y_true = test_df["class_index"].to_numpy()

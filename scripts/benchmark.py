@@ -95,9 +95,10 @@ def main() -> None:
 
     if not args.skip_exp:
         t0 = time.perf_counter()
-        dvc = str(Path(sys.executable).parent / "dvc")
-        proc = subprocess.run([dvc, "exp", "run", "-S", "train.lr=0.001"],
-                              capture_output=True, text=True)
+        venv_bin = str(Path(sys.executable).parent)
+        env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+        proc = subprocess.run(["dvc", "exp", "run", "-S", "train.lr=0.001"],
+                              capture_output=True, text=True, env=env)
         out["dvc_exp_run_lr_s"] = round(time.perf_counter() - t0, 1)
         out["dvc_exp_run_ok"] = proc.returncode == 0
         if proc.returncode:

@@ -15,7 +15,6 @@ import pandas as pd
 import yaml
 
 from pipeline.config import ConfigError, Params, params_from_dict
-from pipeline.evaluation import plot_history
 from pipeline.jobs import train_and_log
 from pipeline.sources import load_index
 from stages.common import run_stage, write_json
@@ -43,6 +42,8 @@ def main(params: Params) -> None:
     Path("plots").mkdir(exist_ok=True)
     history = pd.DataFrame(out.history)
     history.to_csv("plots/train_history.csv", index=False)
+    from pipeline.plots import plot_history  # matplotlib only when there is something to draw
+
     plot_history(history, Path("plots/learning_curves.png"))
 
 

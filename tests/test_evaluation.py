@@ -7,12 +7,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from pipeline.evaluation import (
-    classification_metrics,
-    confusion,
-    per_class_report,
-    plot_confusion,
-)
+from pipeline.evaluation import classification_metrics, confusion, per_class_report
+from pipeline.plots import plot_confusion
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
