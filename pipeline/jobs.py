@@ -83,10 +83,8 @@ def train_and_log(
             "resolved.val_images": len(val_df),
         }
         tracking.log_params(resolved)
-        for split, stats in result.feature_stats.items():
-            tracking.log_metrics(
-                {f"features_{split}_{k}": v for k, v in stats.items() if v is not None}
-            )
+        if result.feature_stats:  # an artifact, not metrics: keeps the metric charts clean
+            tracking.log_dict(result.feature_stats, "training/feature_cache.json")
         meta = {
             "arch": params.model.arch,
             "classes": classes,

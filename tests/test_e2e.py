@@ -59,8 +59,13 @@ def project(tmp_path_factory):
     return repo, env, first
 
 
+def _client(repo):
+    uri = f"sqlite:///{repo}/mlruns/mlflow.db"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def _champion(repo):
-    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    client = _client(repo)
     return client, client.get_model_version_by_alias("food101-resnet50", "champion")
 
 
@@ -82,7 +87,7 @@ def test_repro_runs_all_stages_and_ends_with_a_champion(project):
     report = json.loads((repo / "reports" / "sample.json").read_text())
     assert report["counts"] == {"sample": 60, "test": 20, "unlabeled": 6}
     run_id = json.loads((repo / "reports" / "run.json").read_text())["run_id"]
-    run = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db").get_run(run_id)
+    run = _client(repo).get_run(run_id)
     assert {"val_accuracy", "test_accuracy", "predict_accuracy"} <= set(run.data.metrics)
 
 
@@ -113,7 +118,7 @@ def test_head_change_reruns_train_evaluate_predict_only(project):
 
 def test_temp_experiment_writes_to_the_same_store(project):
     repo, env, _ = project
-    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    client = _client(repo)
     exp_id = client.get_experiment_by_name("food101").experiment_id
     before = len(client.search_runs([exp_id]))
     _sh(repo, "dvc", "exp", "run", "--temp", "-S", "train.lr=0.001", env=env)
