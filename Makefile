@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := true
 
-.PHONY: venv run test lint ui bench clean-venv
+.PHONY: venv run test lint ui plots bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,11 @@ ui: $(STAMP)
 	  --host 127.0.0.1 --port $(PORT) \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts
+
+# `dvc plots show` with vega inlined (DVC's page loads it from a CDN: blank offline).
+plots: $(STAMP)
+	test -f .cache/dvc-plots-offline.html || $(PY) scripts/offline_plots_template.py
+	dvc plots show --html-template .cache/dvc-plots-offline.html -o dvc_plots
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py

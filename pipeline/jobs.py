@@ -206,8 +206,7 @@ def predict_and_log(
     metrics = {
         "accuracy": float((out["label"] == truth).mean()) if len(out) else 0.0,
         "images": len(out),
-        "model_uri": uri,
-        "model_version": version,
+        "model_version": int(version),
     }
     with tracking.resume_run(run["run_id"]):
         tracking.log_metrics({"predict_accuracy": metrics["accuracy"]})

@@ -38,7 +38,7 @@ def main(params: Params) -> None:
     out = train_and_log(params, root, classes, manifests, committed_params())
     write_json("reports/run.json", {"run_id": out.run_id, "run_name": out.run_name,
                                     "model_uri": out.model_uri})
-    write_json("metrics/train.json", {**out.metrics, **out.resolved})
+    write_json("metrics/train.json", out.metrics)  # the resolved values are MLflow params
     Path("plots").mkdir(exist_ok=True)
     history = pd.DataFrame(out.history)
     history.to_csv("plots/train_history.csv", index=False)

@@ -78,7 +78,7 @@ def test_repro_runs_all_stages_and_ends_with_a_champion(project):
     assert len(preds) == 6 and list(preds.columns) == ["file", "label", "confidence", "top5"]
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {"test_accuracy", "test_top5_accuracy", "test_macro_f1"}
-    assert json.loads((repo / "metrics" / "predict.json").read_text())["model_version"] == "1"
+    assert json.loads((repo / "metrics" / "predict.json").read_text())["model_version"] == 1
     decision = json.loads((repo / "reports" / "promotion.json").read_text())
     assert decision["promoted"] and decision["reason"] == "no champion yet"
     _, champ = _champion(repo)
