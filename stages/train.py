@@ -40,7 +40,7 @@ def main(params: Params) -> None:
                                     "model_uri": out.model_uri})
     write_json("metrics/train.json", out.metrics)  # the resolved values are MLflow params
     Path("plots").mkdir(exist_ok=True)
-    history = pd.DataFrame(out.history)
+    history = pd.DataFrame(out.history).drop(columns="epoch_seconds")  # deterministic file
     history.to_csv("plots/train_history.csv", index=False)
     from pipeline.plots import plot_history  # matplotlib only when there is something to draw
 

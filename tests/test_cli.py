@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -20,27 +18,9 @@ class EchoModel(mlflow.pyfunc.PythonModel):
         return model_input
 
 
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory) -> Path:
-    """An empty MLflow SQLite database with its schema (migrations take ~5 s per new store)."""
-    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not path.exists():
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts")).engine.dispose()
-    return path
-
-
 @pytest.fixture(autouse=True)
-def store(mlflow_store, migrated_db) -> str:
-    """conftest's fresh ``mlflow_store`` for every test, its database copied from the template.
-
-    Autouse, so it is set up before ``trained_run`` writes to the store.
-    """
-    db = Path(mlflow_store.removeprefix("sqlite:///"))
-    assert not db.exists()
-    shutil.copyfile(migrated_db, db)
+def store(mlflow_store) -> str:
+    """conftest's fresh ``mlflow_store`` for every test (autouse: before ``trained_run``)."""
     return mlflow_store
 
 

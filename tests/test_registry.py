@@ -10,7 +10,6 @@ import datetime as dt
 import multiprocessing as mp
 import os
 import queue
-import shutil
 import threading
 import traceback
 from pathlib import Path
@@ -36,29 +35,9 @@ class EchoModel(mlflow.pyfunc.PythonModel):
 
 # -- a fresh store per test, without paying for the schema migrations every time ----------------
 
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory) -> Path:
-    """An empty MLflow SQLite database with the schema already created (once per session).
-
-    Creating the schema of a new store runs every migration (~5 s on 2 cores); copying an
-    empty, migrated database file gives each test an equally fresh store in milliseconds.
-    """
-    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not path.exists():
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store = SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts"))
-        store.engine.dispose()
-    return path
-
-
 @pytest.fixture()
-def store(mlflow_store, migrated_db) -> str:
-    """conftest's ``mlflow_store``, its database file pre-created from the migrated copy."""
-    db = Path(mlflow_store.removeprefix("sqlite:///"))
-    assert not db.exists()
-    shutil.copyfile(migrated_db, db)
+def store(mlflow_store) -> str:
+    """conftest's ``mlflow_store``: a fresh store for every test."""
     return mlflow_store
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,48 +36,22 @@ SERVE_WAIT = 90
 
 
 @pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory) -> Path:
-    """An empty MLflow SQLite database with its schema (migrations take ~5 s per new store)."""
-    path = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not path.exists():
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts")).engine.dispose()
-    return path
-
-
-@pytest.fixture(scope="module")
 def champion(tiny_demo, tmp_path_factory, migrated_db):
     """tiny_data + trained_run + evaluate_and_log, once: the champion of a private store."""
-    from conftest import tiny_params
+    from conftest import fresh_store, make_tiny_data
 
     from pipeline.jobs import evaluate_and_log, train_and_log
-    from pipeline.sampling import draw_sample, split_sample
-    from pipeline.sources import index_food101
 
     tmp = tmp_path_factory.mktemp("serving")
-    (tmp / "mlruns").mkdir()
-    shutil.copyfile(migrated_db, tmp / "mlruns" / "mlflow.db")
-    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    uri = fresh_store(tmp, migrated_db)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("FOOD101_FEATURE_CACHE", str(tmp / "features"))
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
 
-        params = tiny_params()
-        root, index, classes = index_food101(tiny_demo)
-        res = draw_sample(root, index, classes, params.sample, params.data.image_size,
-                          tmp / "unlabeled")
-        train, val = split_sample(res.sample, params.split)
-        manifests = {}
-        for name, df in (("train", train), ("val", val), ("test", res.test),
-                         ("unlabeled_key", res.unlabeled_key)):
-            manifests[name] = tmp / f"{name}.csv"
-            df.to_csv(manifests[name], index=False)
-        classes = res.report["classes"]
-
+        data = make_tiny_data(tiny_demo, tmp)
+        params, root, classes, manifests = data.params, data.root, data.classes, data.manifests
         trained = train_and_log(params, root, classes,
                                 {k: manifests[k] for k in ("train", "val")}, None)
         run = {"run_id": trained.run_id, "model_uri": trained.model_uri}
@@ -86,7 +59,7 @@ def champion(tiny_demo, tmp_path_factory, migrated_db):
                                      figures_dir=tmp / "figures")
         yield SimpleNamespace(
             uri=uri, tmp=tmp, params=params, root=root, classes=classes, manifests=manifests,
-            test=res.test, unlabeled=tmp / "unlabeled", key=res.unlabeled_key,
+            test=data.test, unlabeled=data.unlabeled, key=data.key,
             trained=trained, run=run, evaluated=evaluated,
             name=params.registry.model_name,
         )
