@@ -76,13 +76,23 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from pipeline import registry
+    from pipeline.imaging import ImageDecodeError, load_image
 
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
         raise PipelineError(f"no such file(s): {', '.join(missing)}")
+    files = []
+    for f in args.files:  # one unreadable file must not hide the others' labels
+        try:
+            load_image(f)
+            files.append(f)
+        except ImageDecodeError as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+    if not files:
+        raise PipelineError("none of the files is a readable image (jpg, png, webp, ...)")
     model = registry.load_model(args.name, args.model)
-    preds = model.predict(pd.DataFrame({"path": [str(Path(f).resolve()) for f in args.files]}))
-    preds.insert(0, "file", args.files)
+    preds = model.predict(pd.DataFrame({"path": [str(Path(f).resolve()) for f in files]}))
+    preds.insert(0, "file", files)
     if args.json:
         print(json.dumps(preds.to_dict(orient="records"), indent=2))
     else:

@@ -220,6 +220,16 @@ def test_predict_with_a_trained_champion(capsys, trained_run, tmp_path):
         assert top[0][0] == rec["label"]
         assert top[0][1] == pytest.approx(rec["confidence"], abs=1e-6)
 
+    # An unreadable file is reported and skipped; the readable ones are still labelled.
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not a photo")
+    assert main(["--name", name, "predict", str(bad), images[0]]) == 0
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "broken.jpg" in captured.err
+    assert [r[0] for r in _table(captured.out)[1]] == [images[0]]
+    assert main(["--name", name, "predict", str(bad)]) == 2
+    assert "none of the files is a readable image" in capsys.readouterr().err
+
     assert main(["--name", name, "versions"]) == 0
     _, vrows = _table(capsys.readouterr().out)
     assert len(vrows) == 1
