@@ -180,8 +180,11 @@ def materialise(data: DataConfig, demo: DemoConfig, out_dir: Path) -> dict:
         "classes": classes,
         "train_images": int((index["split"] == "train").sum()),
         "test_images": int((index["split"] == "test").sum()),
-        "fingerprint": fingerprint(root, index["path"].tolist()),
     }  # no timings: a DVC output must be the same bytes when nothing changed
+    if data.source != "demo":
+        # DVC hashes the demo photos itself (they are inside the output); an external
+        # folder is outside DVC's view, so its (path, size, mtime) fingerprint stands in.
+        summary["fingerprint"] = fingerprint(root, index["path"].tolist())
     (out_dir / SOURCE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     log.info(
         "%s source: %d classes, %d train / %d test images listed under %s (%.1f s)",
