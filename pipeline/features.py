@@ -77,9 +77,6 @@ class FeatureStore:
                         self._rows[d] = f
         return self._rows
 
-    def __len__(self) -> int:
-        return len(self._load())
-
     def get(self, digest: str) -> np.ndarray | None:
         return self._load().get(digest)
 

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -304,9 +303,3 @@ def extract_features(backbone: nn.Module, x: torch.Tensor, precision: str) -> to
     with autocast(precision):
         feats = backbone(x)
     return feats.float()
-
-
-def batched(items: list, size: int) -> Iterator[list]:
-    """Consecutive slices of ``items`` of at most ``size``."""
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

@@ -245,10 +245,3 @@ def load_pyfunc(model_uri: str):
     """Load a logged or registered model as a pyfunc."""
     configure()
     return mlflow.pyfunc.load_model(model_uri)
-
-
-def run_info(run_id: str) -> dict:
-    """Params, metrics and tags of a run (for reports and tests)."""
-    configure()
-    run = mlflow.get_run(run_id)
-    return {"params": run.data.params, "metrics": run.data.metrics, "tags": run.data.tags}
