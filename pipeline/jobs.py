@@ -44,9 +44,12 @@ def train_and_log(
     classes: list[str],
     manifests: dict[str, Path],
     baseline: dict | None,
+    figures_dir: Path,
 ) -> TrainOutputs:
-    """Open the pipeline's MLflow run, train, log everything, and log the model."""
+    """Open the pipeline's MLflow run, train, log everything (learning curves drawn into
+    ``figures_dir``), and log the model."""
     from pipeline.modeling import preprocessing_spec
+    from pipeline.plots import plot_history
     from pipeline.training import train_model, uses_feature_cache
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -99,6 +102,8 @@ def train_and_log(
             "run_id": run_id,
         }
         examples = [(root / p).read_bytes() for p in val_df["path"].head(2)]
+        curves = plot_history(pd.DataFrame(result.history), figures_dir / "learning_curves.png")
+        tracking.log_artifact(curves, "training")
         model_uri = tracking.log_model(result.model, meta, examples)
         log.info("logged model %s", model_uri)
     return TrainOutputs(run_id, name, model_uri, result.final, result.history, resolved)
@@ -160,9 +165,6 @@ def evaluate_and_log(
                 Path(tmp) / "confusion_matrix.csv")
             tracking.log_artifact(Path(tmp) / "per_class_report.csv", "evaluation")
             tracking.log_artifact(Path(tmp) / "confusion_matrix.csv", "evaluation")
-        history_png = figures_dir / "learning_curves.png"
-        if history_png.exists():
-            tracking.log_artifact(history_png, "training")
 
         def score_other(uri: str) -> float:
             other = tracking.load_pyfunc(uri).unwrap_python_model()
@@ -195,8 +197,7 @@ def predict_and_log(
     champion); accuracy against the answer key, which the model never sees."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     name, ref = params.registry.model_name, params.predict.model
-    uri = registry.model_uri(name, ref)
-    version = registry.resolved_version(name, ref)
+    uri, version = registry.resolve(name, ref)  # one lookup, a clear error when missing
     model = tracking.load_pyfunc(uri)
     files = sorted(p.name for p in unlabeled_dir.iterdir() if p.is_file())
     preds = model.predict(pd.DataFrame({"path": [str(unlabeled_dir / f) for f in files]}))

@@ -95,13 +95,15 @@ def get_version(name: str, version: str | int, c: MlflowClient | None = None):
         ) from exc
 
 
-def model_uri(name: str, ref: str) -> str:
-    """``models:/name@alias`` or ``models:/name/version``, checked to exist (clear errors)."""
+def resolve(name: str, ref: str) -> tuple[str, str]:
+    """(``models:/name@alias`` or ``models:/name/version``, the version it points at now),
+    checked to exist, with an error that says how to fix it."""
     c = client()
     if str(ref).isdigit():
-        get_version(name, ref, c)
-        return f"models:/{name}/{ref}"
-    if alias_version(name, ref, c) is None:
+        mv = get_version(name, ref, c)
+        return f"models:/{name}/{mv.version}", str(mv.version)
+    mv = alias_version(name, ref, c)
+    if mv is None:
         hint = (
             "Run `dvc repro` (evaluate promotes the first model), or "
             "`python -m pipeline promote <version>` to choose one."
@@ -109,17 +111,17 @@ def model_uri(name: str, ref: str) -> str:
             else "Set it with `python -m pipeline promote <version>`."
         )
         raise RegistryError(f"{name!r} has no version with alias '{ref}'. {hint}")
-    return f"models:/{name}@{ref}"
+    return f"models:/{name}@{ref}", str(mv.version)
+
+
+def model_uri(name: str, ref: str) -> str:
+    """The checked model URI of an alias or version reference."""
+    return resolve(name, ref)[0]
 
 
 def resolved_version(name: str, ref: str) -> str:
     """The version number that an alias or version reference points at now."""
-    if str(ref).isdigit():
-        return str(int(ref))
-    mv = alias_version(name, ref)
-    if mv is None:
-        model_uri(name, ref)  # raises the explanatory error
-    return str(mv.version)
+    return resolve(name, ref)[1]
 
 
 def register(model_uri_: str, name: str, tags: dict) -> str:

@@ -35,16 +35,12 @@ def main(params: Params) -> None:
     root, _, _ = load_index(Path("data/source"))
     classes = json.loads(Path("reports/sample.json").read_text())["classes"]
     manifests = {s: Path(f"data/manifests/{s}.csv") for s in ("train", "val")}
-    out = train_and_log(params, root, classes, manifests, committed_params())
+    out = train_and_log(params, root, classes, manifests, committed_params(), Path("plots"))
     write_json("reports/run.json", {"run_id": out.run_id, "run_name": out.run_name,
                                     "model_uri": out.model_uri})
     write_json("metrics/train.json", out.metrics)  # the resolved values are MLflow params
-    Path("plots").mkdir(exist_ok=True)
     history = pd.DataFrame(out.history).drop(columns="epoch_seconds")  # deterministic file
     history.to_csv("plots/train_history.csv", index=False)
-    from pipeline.plots import plot_history  # matplotlib only when there is something to draw
-
-    plot_history(history, Path("plots/learning_curves.png"))
 
 
 if __name__ == "__main__":

@@ -137,10 +137,11 @@ def tiny_data(tiny_demo, tmp_path):
 
 
 @pytest.fixture()
-def trained_run(tiny_data, mlflow_store, feature_cache):
+def trained_run(tiny_data, mlflow_store, feature_cache, tmp_path):
     """A tiny model trained and logged by the real train job: (tiny_data, TrainOutputs)."""
     from pipeline.jobs import train_and_log
 
     out = train_and_log(tiny_data.params, tiny_data.root, tiny_data.classes,
-                        {k: tiny_data.manifests[k] for k in ("train", "val")}, None)
+                        {k: tiny_data.manifests[k] for k in ("train", "val")}, None,
+                        tmp_path / "figures")
     return tiny_data, out

@@ -53,7 +53,8 @@ def champion(tiny_demo, tmp_path_factory, migrated_db):
         data = make_tiny_data(tiny_demo, tmp)
         params, root, classes, manifests = data.params, data.root, data.classes, data.manifests
         trained = train_and_log(params, root, classes,
-                                {k: manifests[k] for k in ("train", "val")}, None)
+                                {k: manifests[k] for k in ("train", "val")}, None,
+                                tmp / "figures")
         run = {"run_id": trained.run_id, "model_uri": trained.model_uri}
         evaluated = evaluate_and_log(params, root, classes, manifests["test"], run,
                                      figures_dir=tmp / "figures")

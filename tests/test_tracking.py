@@ -58,6 +58,8 @@ def test_train_run_is_fully_logged(trained_run, mlflow_store):
     assert set(inputs) == {"train", "val"}
     assert tags["data.train_sha256"] == tracking.file_sha256(data.manifests["train"])
     assert out.model_uri.startswith("models:/")
+    logged = {a.path for a in client.list_artifacts(out.run_id, "training")}
+    assert "training/learning_curves.png" in logged
     model = mlflow.models.get_model_info(out.model_uri)
     assert model.signature.inputs.input_names() == ["image", "path"]
     assert {c.name for c in model.signature.outputs.inputs} == {"label", "confidence", "top5"}
