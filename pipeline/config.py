@@ -87,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     feature_batch_size: int = 16
     num_workers: int = 1
+    compile: Literal["auto", "always", "never"] = "auto"  # torch.compile the extraction
 
 
 @dataclass(frozen=True)

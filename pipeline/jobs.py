@@ -35,7 +35,7 @@ class TrainOutputs:
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"path": str, "label": str})
+    return pd.read_csv(path, dtype={"path": str, "label": str, "sha256": str})
 
 
 def train_and_log(

@@ -6,6 +6,7 @@ list only, disjoint from each other.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -23,7 +24,9 @@ from pipeline.imaging import ImageDecodeError, load_image
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["path", "label", "class_index"]
+# ``sha256`` pins each image's bytes: the manifests change whenever a listed photo does, so
+# the stages after ``split`` depend on them alone and DVC never re-hashes the whole source.
+MANIFEST_COLUMNS = ["path", "label", "class_index", "sha256"]
 
 
 class SampleError(PipelineError, ValueError):
@@ -32,11 +35,13 @@ class SampleError(PipelineError, ValueError):
 
 @dataclass
 class Checker:
-    """Decodes candidates once, remembering which files are unreadable and why."""
+    """Decodes candidates once, remembering which files are unreadable and why, and the
+    sha256 of the bytes of those that are readable."""
 
     root: Path
     image_size: int
     skipped: list[dict] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)
     checked: int = 0
     _bar: tqdm | None = None
 
@@ -45,13 +50,18 @@ class Checker:
         if self._bar is not None:
             self._bar.update(1)
         try:
-            load_image(self.root / rel, min_side=self.image_size)
-            return True
+            data = (self.root / rel).read_bytes()
+            load_image(data, min_side=self.image_size)
+        except OSError as exc:
+            reason = f"cannot open ({exc.strerror or exc})"
         except ImageDecodeError as exc:
             reason = str(exc).split(": ", 1)[-1]
-            self.skipped.append({"path": rel, "split": split, "reason": reason})
-            log.warning("skipping %s: %s", rel, reason)
-            return False
+        else:
+            self.digests[rel] = hashlib.sha256(data).hexdigest()
+            return True
+        self.skipped.append({"path": rel, "split": split, "reason": reason})
+        log.warning("skipping %s: %s", rel, reason)
+        return False
 
 
 def choose_classes(available: list[str], spec: str | int | tuple[str, ...]) -> list[str]:
@@ -136,9 +146,10 @@ def draw_stratified(
     return pd.DataFrame(rows, columns=["path", "label"])
 
 
-def _manifest(df: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+def _manifest(df: pd.DataFrame, classes: list[str], digests: dict[str, str]) -> pd.DataFrame:
     index = {c: i for i, c in enumerate(classes)}
-    out = df.assign(class_index=df["label"].map(index).astype(int))
+    out = df.assign(class_index=df["label"].map(index).astype(int),
+                    sha256=df["path"].map(digests))
     return out.sort_values(["class_index", "path"], ignore_index=True)[MANIFEST_COLUMNS]
 
 
@@ -201,7 +212,8 @@ def draw_sample(
         key_rows.append({"file": name, "label": label, "source_path": rel})
     key = pd.DataFrame(key_rows, columns=["file", "label", "source_path"])
 
-    sample_m, test_m = _manifest(sample, classes), _manifest(test, classes)
+    sample_m = _manifest(sample, classes, check.digests)
+    test_m = _manifest(test, classes, check.digests)
     report = {
         "classes": classes,
         "counts": {"sample": len(sample_m), "test": len(test_m), "unlabeled": len(key)},

@@ -209,3 +209,22 @@ def load_index(source_dir: Path) -> tuple[Path, pd.DataFrame, list[str]]:
         )
     index = pd.read_csv(source_dir / INDEX_FILE, dtype=str)
     return root, index, list(info["classes"])
+
+
+def sampled_root(report_file: Path) -> tuple[Path, list[str]]:
+    """The image root and the class order that ``sample`` recorded in ``report_file``.
+
+    The stages after ``split`` read images through this root, not ``data/source``: the
+    manifests pin every image's sha256, so DVC need not re-hash the whole source for them.
+    """
+    if not report_file.is_file():
+        raise SourceError(f"{report_file} is missing: run `dvc repro sample` first")
+    report = json.loads(report_file.read_text())
+    root = Path(report["root"]).expanduser()
+    root = root if root.is_absolute() else root.resolve()
+    if not root.is_dir():
+        raise SourceError(
+            f"image root {root} (from {report_file}) does not exist: run `dvc repro` (or "
+            "`dvc checkout data/source` if DVC's cache holds it)."
+        )
+    return root, list(report["classes"])

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.features import FeatureStore, cache_key, compute_features
+from pipeline.features import FeatureStore, cache_key, compute_features, verified_digests
 from pipeline.imaging import load_image
 from pipeline.modeling import (
     FoodNet,
@@ -180,6 +180,7 @@ def backbone_features(
     cache_dir: Path | None,
     batch_size: int,
     num_workers: int,
+    compile: str = "auto",
 ) -> tuple[np.ndarray, dict]:
     """Backbone features for a manifest's images, through the cache in ``cache_dir``."""
     store = None
@@ -190,6 +191,8 @@ def backbone_features(
     return compute_features(
         backbone, [root / p for p in manifest["path"]], store=store, image_size=image_size,
         precision=precision, batch_size=batch_size, num_workers=num_workers,
+        expected_digests=manifest["sha256"].tolist() if "sha256" in manifest else None,
+        compile=compile,
     )
 
 
@@ -220,10 +223,13 @@ def train_model(
         common = dict(
             image_size=image_size, precision=precision, cache_dir=cache_dir,
             batch_size=train_cfg.feature_batch_size, num_workers=train_cfg.num_workers,
+            compile=train_cfg.compile,
         )
-        f_train, s_train = backbone_features(backbone, model_cfg.arch, root, train_df, **common)
-        f_val, s_val = backbone_features(backbone, model_cfg.arch, root, val_df, **common)
-        stats = {"train": s_train, "val": s_val}
+        # One call for both splits: one model preparation (and compile) for all misses.
+        both = pd.concat([train_df, val_df], ignore_index=True)
+        feats, s_both = backbone_features(backbone, model_cfg.arch, root, both, **common)
+        f_train, f_val = feats[: len(train_df)], feats[len(train_df) :]
+        stats = {"train+val": s_both}
         # Same dropout masks and batch order whether the features came from the cache or not
         # (DataLoader workers draw from the global RNG).
         generator = seed_everything(train_cfg.seed)
@@ -238,6 +244,9 @@ def train_model(
                       precision="fp32", on_epoch=on_epoch, on_step=on_step)
         path = "cached-features"
     else:
+        for df in (train_df, val_df):  # the cached path checks them as it hashes for the cache
+            if "sha256" in df:
+                verified_digests([root / p for p in df["path"]], df["sha256"].tolist())
         model.to(memory_format=torch.channels_last)
         train_tf = train_transform(image_size) if train_cfg.augment else eval_transform(image_size)
         loader_args = dict(num_workers=train_cfg.num_workers)

@@ -1,11 +1,14 @@
 """Speed figures on this machine (not a test): run after `make run`.
 
-1. feature extraction images/s on the default sample (fp32 NCHW, channels_last, and the
-   precision `train.precision: auto` picks here; bf16 too where the CPU supports it);
+1. feature extraction images/s on the default sample (train + val, 10,000 images), as the
+   train stage runs it: the precision `train.precision` resolves to, compiled or not as
+   `train.compile` decides; and the eager path on a subset for comparison;
 2. seconds per head epoch on the cached features of the full train split;
 3. wall time of `dvc exp run -S train.lr=0.001` after a full run (set --skip-exp to omit).
+   Like any `dvc exp run`, it leaves that experiment applied to the workspace:
+   `git checkout params.yaml && dvc repro` returns to the committed parameters.
 
-    .venv/bin/python scripts/benchmark.py [--images 512] [--skip-exp]
+    .venv/bin/python scripts/benchmark.py [--images N] [--eager-images 960] [--skip-exp]
 """
 
 from __future__ import annotations
@@ -29,45 +32,65 @@ from pipeline.config import load_params  # noqa: E402
 from pipeline.features import compute_features  # noqa: E402
 from pipeline.modeling import bf16_supported, build_backbone, resolve_precision  # noqa: E402
 from pipeline.paths import feature_cache_dir  # noqa: E402
-from pipeline.sources import load_index  # noqa: E402
+from pipeline.sources import sampled_root  # noqa: E402
 from pipeline.training import train_model  # noqa: E402
 
 
-def extraction(params, root, paths: list[Path], precision: str) -> float:
-    """Images/s of the pipeline's own extraction path (decode worker + channels_last)."""
+def extraction(params, paths: list[Path], precision: str, compile: str) -> dict:
+    """The pipeline's own extraction path (decode worker, channels_last, compile policy),
+    without the cache: images/s of the loop, and the total including model preparation."""
     backbone, _ = build_backbone(params.model.arch, params.model.weights, params.model.init_seed)
-    backbone = backbone.to(memory_format=torch.channels_last).eval()
+    t0 = time.perf_counter()
     _, stats = compute_features(
         backbone, paths, store=None, image_size=params.data.image_size, precision=precision,
         batch_size=params.train.feature_batch_size, num_workers=params.train.num_workers,
+        compile=compile,
     )
-    return stats["extract_images_per_second"]
+    total = time.perf_counter() - t0
+    return {
+        "images": len(paths),
+        "precision": precision,
+        "compiled": stats["compiled"],
+        "compile_s": stats["compile_seconds"],
+        "loop_img_s": stats["extract_images_per_second"],
+        "total_s": round(total, 1),
+        "img_s_incl_hashing_and_compile": round(len(paths) / total, 1),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=512, help="images per extraction run")
+    ap.add_argument("--images", type=int, default=0,
+                    help="images to extract (default: the whole train+val sample)")
+    ap.add_argument("--eager-images", type=int, default=960,
+                    help="images for the eager (train.compile=never) comparison; 0 skips it")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--skip-exp", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     params = load_params("params.yaml")
-    root, _, _ = load_index(Path("data/source"))
+    root, classes = sampled_root(Path("reports/sample.json"))
     train = pd.read_csv("data/manifests/train.csv", dtype={"path": str, "label": str})
     val = pd.read_csv("data/manifests/val.csv", dtype={"path": str, "label": str})
-    paths = [root / p for p in train["path"].head(args.images)]
-    auto = resolve_precision("auto")
+    paths = [root / p for p in pd.concat([train, val])["path"]]
+    auto = resolve_precision(params.train.precision)
     out: dict = {"cpu_threads": torch.get_num_threads(), "bf16_native": bf16_supported(),
-                 "auto_precision": auto, "image_size": params.data.image_size,
-                 "batch_size": params.train.feature_batch_size}
-    out["extract_img_s_fp32_channels_last"] = extraction(params, root, paths, "fp32")
-    if auto == "bf16" or bf16_supported():
-        out["extract_img_s_bf16_channels_last"] = extraction(params, root, paths, "bf16")
+                 "precision": auto, "image_size": params.data.image_size,
+                 "batch_size": params.train.feature_batch_size,
+                 "decode_workers": params.train.num_workers}
+    # As the train stage runs it on the whole sample (train.compile decides compiling).
+    out["extract"] = extraction(params, paths[: args.images or None], auto,
+                                params.train.compile)
+    print(json.dumps(out, indent=2), flush=True)
+    if args.eager_images:
+        out["extract_eager"] = extraction(params, paths[: args.eager_images], auto, "never")
+    if auto == "fp32" and bf16_supported():
+        out["extract_bf16"] = extraction(params, paths[: args.eager_images or 960], "bf16",
+                                         params.train.compile)
     print(json.dumps(out, indent=2), flush=True)
 
     # Head epochs on the cached features of the whole train/val split: the `train` stage's
     # own code path (train_model), so the figure is what a head-only experiment pays.
-    classes = json.loads(Path("reports/sample.json").read_text())["classes"]
     cfg = dataclasses.replace(params.train, epochs=args.epochs)
     result = train_model(root, train, val, classes, params.model, cfg, params.data.image_size,
                          feature_cache_dir())

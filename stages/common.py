@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -27,6 +28,9 @@ def run_stage(main: Callable[[Params], None]) -> None:
     except PipelineError as exc:
         log.error("%s", exc)
         sys.exit(2)
+    # Tearing down torch, torchvision and MLflow's objects at exit costs ~1 s per stage
+    # (measured); objects moved to the permanent generation skip the final collection.
+    gc.freeze()
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -1,6 +1,7 @@
 """Stage ``evaluate``: test metrics of the run's model, registry version and promotion gate.
 
-Inputs: ``reports/run.json``, ``data/manifests/test.csv``, ``data/source/``.
+Inputs: ``reports/run.json``, ``data/manifests/test.csv`` (paths and sha256),
+``reports/sample.json`` (image root, class order).
 Params: ``registry``. Outputs: ``metrics/evaluate.json``, ``reports/promotion.json``,
 ``reports/per_class.csv``, ``plots/confusion.csv`` (dvc plots, confusion template),
 ``plots/confusion_matrix.png``. All of it also goes to the MLflow run that ``train`` opened.
@@ -11,13 +12,12 @@ from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.jobs import evaluate_and_log
-from pipeline.sources import load_index
+from pipeline.sources import sampled_root
 from stages.common import run_stage, write_json
 
 
 def main(params: Params) -> None:
-    root, _, _ = load_index(Path("data/source"))
-    classes = json.loads(Path("reports/sample.json").read_text())["classes"]
+    root, classes = sampled_root(Path("reports/sample.json"))
     run = json.loads(Path("reports/run.json").read_text())
     out = evaluate_and_log(params, root, classes, Path("data/manifests/test.csv"), run,
                            Path("plots"))

@@ -16,7 +16,8 @@ MANIFESTS = Path("data/manifests")
 
 
 def main(params: Params) -> None:
-    sample = pd.read_csv(MANIFESTS / "sample.csv", dtype={"path": str, "label": str})
+    sample = pd.read_csv(MANIFESTS / "sample.csv", dtype={"path": str, "label": str,
+                                                          "sha256": str})
     train, val = split_sample(sample, params.split)
     train.to_csv(MANIFESTS / "train.csv", index=False)
     val.to_csv(MANIFESTS / "val.csv", index=False)

@@ -1,13 +1,13 @@
 """Stage ``train``: transfer learning of the ResNet50 head, tracked in a new MLflow run.
 
-Inputs: ``data/manifests/{train,val}.csv``, ``reports/sample.json`` (class order),
-``data/source/``. Params: ``model``, ``train``, ``mlflow``, ``data.image_size``.
+Inputs: ``data/manifests/{train,val}.csv`` (each image's path and sha256),
+``reports/sample.json`` (image root, class order). Params: ``model``, ``train``,
+``mlflow``, ``data.image_size``.
 Outputs: ``reports/run.json`` (the MLflow run id that ``evaluate`` and ``predict`` continue),
 ``metrics/train.json``, ``plots/train_history.csv`` (one row per epoch) and
 ``plots/learning_curves.png``.
 """
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.config import ConfigError, Params, params_from_dict
 from pipeline.jobs import train_and_log
-from pipeline.sources import load_index
+from pipeline.sources import sampled_root
 from stages.common import run_stage, write_json
 
 
@@ -32,8 +32,7 @@ def committed_params() -> dict | None:
 
 
 def main(params: Params) -> None:
-    root, _, _ = load_index(Path("data/source"))
-    classes = json.loads(Path("reports/sample.json").read_text())["classes"]
+    root, classes = sampled_root(Path("reports/sample.json"))
     manifests = {s: Path(f"data/manifests/{s}.csv") for s in ("train", "val")}
     out = train_and_log(params, root, classes, manifests, committed_params(), Path("plots"))
     write_json("reports/run.json", {"run_id": out.run_id, "run_name": out.run_name,

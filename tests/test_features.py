@@ -1,9 +1,13 @@
+import hashlib
+import logging
 import shutil
 
 import numpy as np
+import pytest
+import torch
 from conftest import tiny_params
 
-from pipeline.features import FeatureStore, cache_key, compute_features
+from pipeline.features import FeatureStore, StaleManifestError, cache_key, compute_features
 from pipeline.modeling import build_backbone, state_digest
 from pipeline.training import train_model
 
@@ -26,7 +30,7 @@ def test_head_only_change_hits_the_cache(tiny_data, tmp_path):
     second = _train(tiny_data, cache, train={"lr": 0.01, "epochs": 3, "batch_size": 8},
                     model={"hidden": 32, "dropout": 0.5})
     assert _misses(second) == 0
-    assert second.feature_stats["train"]["cache_hits"] == len(tiny_data.train)
+    assert second.feature_stats["train+val"]["cache_hits"] == n
     again = _train(tiny_data, cache)  # same params: same result from cached features
     assert again.history == first.history or np.allclose(
         [h["val_loss"] for h in again.history], [h["val_loss"] for h in first.history])
@@ -47,6 +51,13 @@ def test_preprocessing_weights_or_image_change_miss(tiny_data, tmp_path):
 
     Image.open(victim).rotate(90).save(victim, "JPEG")
     tiny_data.root = root
+    # The manifest still records the old bytes: the run stops and says what to do ...
+    with pytest.raises(StaleManifestError, match="changed after `sample` listed it"):
+        _train(tiny_data, cache)
+    # ... and once `sample` has recorded the new bytes, only that image is recomputed.
+    train = tiny_data.train.copy()
+    train.loc[0, "sha256"] = hashlib.sha256(victim.read_bytes()).hexdigest()
+    tiny_data.train = train
     assert _misses(_train(tiny_data, cache)) == 1
 
 
@@ -66,3 +77,33 @@ def test_cached_features_equal_fresh_ones(tiny_demo, tmp_path):
     np.testing.assert_array_equal(f1, f2)
     np.testing.assert_allclose(fresh, f1, rtol=1e-4, atol=1e-4)
     assert len(list((tmp_path / key).glob("shard-*.npz"))) == 1
+
+
+def _paths(tiny_demo, n=6):
+    return sorted((tiny_demo / "images").rglob("*.jpg"))[:n]
+
+
+def test_compiled_extraction_matches_eager(tiny_demo):
+    """torch.compile changes how features are computed, not what they are (the cache key
+    does not include it); the last, partial batch is padded to the compiled batch size."""
+    backbone, _ = build_backbone("resnet50", "none", 0)
+    args = dict(store=None, image_size=32, precision="fp32", batch_size=4, num_workers=0)
+    eager, s_eager = compute_features(backbone, _paths(tiny_demo), compile="never", **args)
+    compiled, s_comp = compute_features(backbone, _paths(tiny_demo), compile="always", **args)
+    assert not s_eager["compiled"] and s_comp["compiled"]
+    assert compiled.shape == (6, 2048)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager(tiny_demo, monkeypatch, caplog):
+    def broken(*_, **__):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    backbone, _ = build_backbone("resnet50", "none", 0)
+    args = dict(store=None, image_size=32, precision="fp32", batch_size=4, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.features"):
+        feats, stats = compute_features(backbone, _paths(tiny_demo), compile="always", **args)
+    assert not stats["compiled"] and "torch.compile failed" in caplog.text
+    eager, _ = compute_features(backbone, _paths(tiny_demo), compile="never", **args)
+    np.testing.assert_array_equal(feats, eager)

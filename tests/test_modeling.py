@@ -1,13 +1,18 @@
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 
+from pipeline.imaging import load_image
 from pipeline.modeling import (
     WeightsError,
     apply_freeze,
     build_backbone,
     build_model,
+    eval_pixels,
+    eval_transform,
+    normalize_batch,
     resolve_precision,
     set_train_mode,
     state_digest,
@@ -99,3 +104,14 @@ def test_precision_policy(monkeypatch):
     monkeypatch.setattr(m, "bf16_supported", lambda: True)
     assert resolve_precision("auto") == "bf16"
     assert resolve_precision("fp32") == "fp32"
+
+
+def test_batched_normalisation_is_the_eval_transform_bit_for_bit(tiny_demo):
+    """Extraction and the logged model normalise whole uint8 batches; the result must be
+    exactly torchvision's ToTensor + Normalize (so cached features stay valid)."""
+    paths = sorted((tiny_demo / "images").rglob("*.jpg"))[:8]
+    images = [load_image(p, min_side=40) for p in paths]
+    reference = torch.stack([eval_transform(40)(img) for img in images])
+    batched = normalize_batch(np.stack([eval_pixels(img, 40) for img in images]))
+    assert batched.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batched, reference)

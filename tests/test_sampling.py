@@ -1,3 +1,4 @@
+import hashlib
 import shutil
 
 import pandas as pd
@@ -131,3 +132,13 @@ def test_real_food101_photos_train_and_test_lists(tiny_demo, tmp_path):
     assert set(res.test["path"]) | set(res.unlabeled_key["source_path"]) <= test_list
     assert res.sample["label"].value_counts().eq(4).all()
     assert res.report["skipped_count"] == 0
+
+
+def test_manifests_pin_each_image_by_sha256(tiny_demo, tmp_path):
+    """The stages after split depend on the manifests, not on the source folder: each row
+    carries the sha256 of the bytes that were checked, and split keeps it."""
+    res, _ = _draw(tiny_demo, tmp_path)
+    for df in (res.sample, res.test, *split_sample(res.sample, SplitConfig())):
+        assert list(df.columns[:4]) == ["path", "label", "class_index", "sha256"]
+        for rel, digest in zip(df["path"], df["sha256"], strict=True):
+            assert digest == hashlib.sha256((tiny_demo / rel).read_bytes()).hexdigest()

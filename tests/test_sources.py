@@ -4,7 +4,14 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DataConfig, DemoConfig
-from pipeline.sources import SourceError, index_food101, index_imagefolder, load_index, materialise
+from pipeline.sources import (
+    SourceError,
+    index_food101,
+    index_imagefolder,
+    load_index,
+    materialise,
+    sampled_root,
+)
 
 
 def test_food101_layout_is_indexed_from_the_official_lists(tiny_demo):
@@ -93,3 +100,16 @@ def test_demo_source_is_byte_identical_when_regenerated(tmp_path):
     first = digest(tmp_path / "a")
     materialise(DataConfig(), demo, tmp_path / "a")
     assert digest(tmp_path / "a") == first
+
+
+def test_sampled_root_resolves_or_explains(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "reports" / "sample.json"
+    with pytest.raises(SourceError, match="run `dvc repro sample`"):
+        sampled_root(report)
+    report.parent.mkdir()
+    report.write_text(json.dumps({"root": "data/source", "classes": ["a", "b"]}))
+    with pytest.raises(SourceError, match="does not exist"):
+        sampled_root(report)
+    (tmp_path / "data" / "source").mkdir(parents=True)
+    assert sampled_root(report) == ((tmp_path / "data" / "source").resolve(), ["a", "b"])
