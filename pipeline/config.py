@@ -86,7 +86,7 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     feature_batch_size: int = 16
-    num_workers: int = 1
+    num_workers: int = 0
     compile: Literal["auto", "always", "never"] = "auto"  # torch.compile the extraction
 
 

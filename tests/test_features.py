@@ -95,6 +95,14 @@ def test_compiled_extraction_matches_eager(tiny_demo):
     np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_decoding_workers_give_the_same_features(tiny_demo):
+    backbone, _ = build_backbone("resnet50", "none", 0)
+    args = dict(store=None, image_size=32, precision="fp32", batch_size=4, compile="never")
+    inline, _ = compute_features(backbone, _paths(tiny_demo), num_workers=0, **args)
+    workers, _ = compute_features(backbone, _paths(tiny_demo), num_workers=2, **args)
+    np.testing.assert_array_equal(workers, inline)
+
+
 def test_compile_failure_falls_back_to_eager(tiny_demo, monkeypatch, caplog):
     def broken(*_, **__):
         raise RuntimeError("no C++ compiler")
