@@ -169,6 +169,11 @@ def uses_feature_cache(model_cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
     return model_cfg.freeze == "backbone" and not train_cfg.augment
 
 
+def _manifest_digests(manifest: pd.DataFrame) -> list[str] | None:
+    """The sha256 that ``sample`` recorded per image, where the manifest has them."""
+    return manifest["sha256"].tolist() if "sha256" in manifest else None
+
+
 def backbone_features(
     backbone: nn.Module,
     arch: str,
@@ -191,7 +196,7 @@ def backbone_features(
     return compute_features(
         backbone, [root / p for p in manifest["path"]], store=store, image_size=image_size,
         precision=precision, batch_size=batch_size, num_workers=num_workers,
-        expected_digests=manifest["sha256"].tolist() if "sha256" in manifest else None,
+        expected_digests=_manifest_digests(manifest),
         compile=compile,
     )
 
@@ -245,8 +250,8 @@ def train_model(
         path = "cached-features"
     else:
         for df in (train_df, val_df):  # the cached path checks them as it hashes for the cache
-            if "sha256" in df:
-                verified_digests([root / p for p in df["path"]], df["sha256"].tolist())
+            if (expected := _manifest_digests(df)) is not None:
+                verified_digests([root / p for p in df["path"]], expected)
         model.to(memory_format=torch.channels_last)
         train_tf = train_transform(image_size) if train_cfg.augment else eval_transform(image_size)
         loader_args = dict(num_workers=train_cfg.num_workers)
