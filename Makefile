@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := true
 
-.PHONY: venv run test lint ui plots bench clean-venv
+.PHONY: venv run test test-fast lint ui plots bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest
+
+# Everything but the tests marked slow (end-to-end dvc repro, HTTP serving, torch.compile,
+# learning to an accuracy): under a minute on 2 cores.
+test-fast: lint
+	$(PY) -m pytest -m "not slow"
 
 # The MLflow UI on the project's own store (one worker, no job runner: starts in seconds).
 ui: $(STAMP)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import PipelineError
+from pipeline.errors import USER_ERRORS, PipelineError
 
 DEFAULT_NAME = "food101-resnet50"
 
@@ -43,7 +43,7 @@ def _v(version: str | None) -> str:
 
 
 def cmd_versions(args: argparse.Namespace) -> None:
-    from pipeline import registry
+    from pipeline.runs import registry
 
     rows = registry.list_versions(args.name)
     for r in rows:
@@ -54,7 +54,7 @@ def cmd_versions(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from pipeline import registry
+    from pipeline.runs import registry
 
     out = registry.promote(args.name, args.version)
     if out.get("unchanged"):
@@ -65,7 +65,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    from pipeline import registry
+    from pipeline.runs import registry
 
     out = registry.rollback(args.name)
     print(f"{args.name}: rolled back, champion is now v{out['champion']} "
@@ -73,10 +73,9 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    import pandas as pd
-
-    from pipeline import registry
-    from pipeline.imaging import ImageDecodeError, load_image
+    from pipeline.model.errors import ImageDecodeError
+    from pipeline.model.imaging import load_image
+    from pipeline.runs import registry
 
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
@@ -90,8 +89,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
             print(f"skipped: {exc}", file=sys.stderr)
     if not files:
         raise PipelineError("none of the files is a readable image (jpg, png, webp, ...)")
-    model = registry.load_model(args.name, args.model)
-    preds = model.predict(pd.DataFrame({"path": [str(Path(f).resolve()) for f in files]}))
+    uri, _ = registry.resolve(args.name, args.model)
+    preds = registry.predict_files(uri, [Path(f) for f in files])
     preds.insert(0, "file", files)
     if args.json:
         print(json.dumps(preds.to_dict(orient="records"), indent=2))
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except PipelineError as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,9 @@
-"""Backbone feature cache: with a frozen backbone and no augmentation, each image goes
-through the ResNet50 once, and epochs and head-only sweeps reuse the stored features.
+"""Feature extraction, in one place: the backbone features of a manifest's images through the
+content-keyed cache, the ``torch.compile`` policy, and scoring a manifest with a trained
+network (what ``evaluate`` does, without loading the pyfunc or the training code).
+
+With a frozen backbone and no augmentation each image goes through the ResNet50 once, and
+epochs and head-only sweeps reuse the stored features.
 
 Key = (arch, sha256 of the backbone's weights and BatchNorm buffers, preprocessing spec,
 precision); inside it, one entry per image keyed by the sha256 of the file's bytes. A change
@@ -9,7 +13,6 @@ written atomically, so concurrent runs (queued DVC experiments) never corrupt it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,21 +23,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.imaging import load_image
-from pipeline.modeling import (
+from pipeline.hashing import sha256_bytes, sha256_file
+from pipeline.model.card import ModelCard
+from pipeline.model.imaging import load_image
+from pipeline.model.inference import (
     INFERENCE_GRAPH,
-    eval_pixels,
-    eval_resize_crop,
     extract_features,
     inference_backbone,
+    resolve_precision,
+)
+from pipeline.model.network import FoodNet, state_digest
+from pipeline.model.presets import (
+    Preprocessing,
+    eval_pixels,
+    eval_resize_crop,
     normalize_batch,
-    preprocessing_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -44,22 +54,13 @@ class StaleManifestError(PipelineError):
     """An image no longer has the bytes its manifest recorded."""
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verified_digests(
     paths: Sequence[Path], expected: Sequence[str] | None = None
 ) -> list[str]:
     """sha256 of each file; where ``expected`` (a manifest's ``sha256`` column) names one,
     a file whose bytes differ stops the run: the manifests, and DVC's view of the data, are
     stale."""
-    digests = [file_digest(p) for p in paths]
+    digests = [sha256_file(p) for p in paths]
     for path, got, want in zip(paths, digests, expected or [None] * len(paths), strict=True):
         if isinstance(want, str) and want and got != want:
             raise StaleManifestError(
@@ -76,13 +77,13 @@ def cache_key(arch: str, backbone_digest: str, image_size: int, precision: str) 
         {
             "arch": arch,
             "backbone": backbone_digest,
-            "preprocessing": preprocessing_spec(image_size),
+            "preprocessing": Preprocessing.for_size(image_size).as_dict(),
             "precision": precision,
             "inference": INFERENCE_GRAPH,
         },
         sort_keys=True,
     )
-    return f"{arch}-{image_size}px-{precision}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    return f"{arch}-{image_size}px-{precision}-{sha256_bytes(blob.encode())[:16]}"
 
 
 class FeatureStore:
@@ -131,18 +132,16 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        img = load_image(self.paths[i], min_side=self.image_size)
-        return eval_pixels(img, self.image_size, self.resize_crop)
+        return eval_pixels(load_image(self.paths[i], min_side=self.image_size), self.resize_crop)
 
 
 def _one_thread(_: int) -> None:
     torch.set_num_threads(1)
 
 
-# Compiling costs 3-5 s with a warm inductor cache and 11-17 s cold; it then saves ~2.5 ms
-# per image (eager 78-83, compiled 97-102 img/s end to end; 2 CPU threads, 128 px, fp32),
-# so it pays from ~2,000 images warm and ~5,000 cold. A first run of the default sample
-# extracts 10,000 (train+val in one call); the 1,000-image test set is not worth it.
+# Compiling costs seconds (more with a cold inductor cache) and pays back only over thousands
+# of images (README: "Feature cache"; `make bench` measures it): a first run of the default
+# sample extracts 10,000 (train+val in one call); the 1,000-image test set is not worth it.
 COMPILE_MIN_IMAGES = 4000
 
 
@@ -261,3 +260,52 @@ def compute_features(
         f" at {stats['extract_images_per_second']} img/s" if todo else "",
     )
     return feats, stats
+
+
+def manifest_features(
+    backbone: nn.Module,
+    arch: str,
+    root: Path,
+    manifest: pd.DataFrame,
+    *,
+    image_size: int,
+    precision: str,
+    cache_dir: Path | None,
+    batch_size: int,
+    num_workers: int,
+    compile: str = "auto",
+) -> tuple[np.ndarray, dict]:
+    """[N,D] backbone features of a manifest's images (``root / path``), through the cache in
+    ``cache_dir`` (None: no cache); each image is checked against the manifest's sha256."""
+    store = None
+    if cache_dir is not None:
+        store = FeatureStore(
+            cache_dir, cache_key(arch, state_digest(backbone), image_size, precision)
+        )
+    expected = manifest["sha256"].tolist() if "sha256" in manifest else None
+    return compute_features(
+        backbone, [root / p for p in manifest["path"]], store=store, image_size=image_size,
+        precision=precision, batch_size=batch_size, num_workers=num_workers,
+        expected_digests=expected, compile=compile,
+    )
+
+
+def score_manifest(
+    net: FoodNet,
+    card: ModelCard,
+    root: Path,
+    manifest: pd.DataFrame,
+    *,
+    cache_dir: Path | None,
+    batch_size: int,
+    num_workers: int,
+) -> np.ndarray:
+    """[N,C] class probabilities of a trained network on a manifest, via the feature cache:
+    the logged model's own preprocessing and forward pass (tested against the pyfunc)."""
+    feats, _ = manifest_features(
+        net.backbone, card.arch, root, manifest, image_size=card.image_size,
+        precision=resolve_precision(card.precision), cache_dir=cache_dir,
+        batch_size=batch_size, num_workers=num_workers,
+    )
+    with torch.inference_mode():
+        return net.eval().head(torch.from_numpy(feats)).exp().numpy()

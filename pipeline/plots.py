@@ -1,8 +1,9 @@
-"""PNG pictures of the results (matplotlib, no display needed)."""
+"""Pictures of the results (matplotlib, no display needed), returned as figures: the job logs
+them to MLflow, the stage writes them as DVC plots (:func:`png_bytes`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import matplotlib
 
@@ -11,9 +12,20 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+DPI = 110
 
 
-def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "") -> Path:
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG (the same settings as what the job logs to MLflow); closes it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def confusion_figure(cm: np.ndarray, classes: list[str], title: str = "") -> Figure:
     """A labelled confusion-matrix heat map (row-normalised colours, raw counts) as PNG."""
     n = len(classes)
     size = max(5.0, 0.45 * n + 2)
@@ -34,13 +46,10 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = 
     ax.set_title(title or "Confusion matrix (test set)")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_history(history: pd.DataFrame, path: Path) -> Path:
+def learning_curves(history: pd.DataFrame) -> Figure:
     """Per-epoch losses and validation accuracy as PNG."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     a1.plot(history["epoch"], history["train_loss"], "o-", label="train_loss")
@@ -56,7 +65,4 @@ def plot_history(history: pd.DataFrame, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.set_xticks(history["epoch"])
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

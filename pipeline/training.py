@@ -19,20 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.features import FeatureStore, cache_key, compute_features, verified_digests
-from pipeline.imaging import load_image
-from pipeline.modeling import (
-    FoodNet,
-    apply_freeze,
-    autocast,
-    build_backbone,
-    build_model,
-    eval_transform,
-    resolve_precision,
-    set_train_mode,
-    state_digest,
-    train_transform,
-)
+from pipeline.features import manifest_features, verified_digests
+from pipeline.model.imaging import load_image
+from pipeline.model.inference import autocast, resolve_precision
+from pipeline.model.network import FoodNet, HeadSpec, apply_freeze, build_model, set_train_mode
+from pipeline.model.presets import eval_transform, train_transform
+from pipeline.model.weights import build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -169,36 +161,10 @@ def uses_feature_cache(model_cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
     return model_cfg.freeze == "backbone" and not train_cfg.augment
 
 
-def _manifest_digests(manifest: pd.DataFrame) -> list[str] | None:
-    """The sha256 that ``sample`` recorded per image, where the manifest has them."""
-    return manifest["sha256"].tolist() if "sha256" in manifest else None
-
-
-def backbone_features(
-    backbone: nn.Module,
-    arch: str,
-    root: Path,
-    manifest: pd.DataFrame,
-    *,
-    image_size: int,
-    precision: str,
-    cache_dir: Path | None,
-    batch_size: int,
-    num_workers: int,
-    compile: str = "auto",
-) -> tuple[np.ndarray, dict]:
-    """Backbone features for a manifest's images, through the cache in ``cache_dir``."""
-    store = None
-    if cache_dir is not None:
-        store = FeatureStore(
-            cache_dir, cache_key(arch, state_digest(backbone), image_size, precision)
-        )
-    return compute_features(
-        backbone, [root / p for p in manifest["path"]], store=store, image_size=image_size,
-        precision=precision, batch_size=batch_size, num_workers=num_workers,
-        expected_digests=_manifest_digests(manifest),
-        compile=compile,
-    )
+def head_spec(model_cfg: ModelConfig) -> HeadSpec:
+    """The head settings of ``model`` params, as the model card records them."""
+    return HeadSpec(hidden=model_cfg.hidden, dropout=model_cfg.dropout,
+                    feature_norm=model_cfg.feature_norm)
 
 
 def train_model(
@@ -217,8 +183,7 @@ def train_model(
     precision = resolve_precision(train_cfg.precision)
     backbone, weights_used = build_backbone(model_cfg.arch, model_cfg.weights, model_cfg.init_seed)
     generator = seed_everything(train_cfg.seed)
-    model = build_model(model_cfg.arch, len(classes), model_cfg.hidden, model_cfg.dropout,
-                        backbone, model_cfg.feature_norm)
+    model = build_model(model_cfg.arch, len(classes), head_spec(model_cfg), backbone)
     apply_freeze(model, model_cfg.freeze)
     y_train = torch.tensor(train_df["class_index"].to_numpy(), dtype=torch.long)
     y_val = torch.tensor(val_df["class_index"].to_numpy(), dtype=torch.long)
@@ -232,7 +197,7 @@ def train_model(
         )
         # One call for both splits: one model preparation (and compile) for all misses.
         both = pd.concat([train_df, val_df], ignore_index=True)
-        feats, s_both = backbone_features(backbone, model_cfg.arch, root, both, **common)
+        feats, s_both = manifest_features(backbone, model_cfg.arch, root, both, **common)
         f_train, f_val = feats[: len(train_df)], feats[len(train_df) :]
         stats = {"train+val": s_both}
         # Same dropout masks and batch order whether the features came from the cache or not
@@ -250,8 +215,7 @@ def train_model(
         path = "cached-features"
     else:
         for df in (train_df, val_df):  # the cached path checks them as it hashes for the cache
-            if (expected := _manifest_digests(df)) is not None:
-                verified_digests([root / p for p in df["path"]], expected)
+            verified_digests([root / p for p in df["path"]], df["sha256"].tolist())
         model.to(memory_format=torch.channels_last)
         train_tf = train_transform(image_size) if train_cfg.augment else eval_transform(image_size)
         loader_args = dict(num_workers=train_cfg.num_workers)

@@ -28,11 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline import handoffs  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.features import compute_features  # noqa: E402
-from pipeline.modeling import bf16_supported, build_backbone, resolve_precision  # noqa: E402
+from pipeline.model.inference import bf16_supported, resolve_precision  # noqa: E402
+from pipeline.model.weights import build_backbone  # noqa: E402
 from pipeline.paths import feature_cache_dir  # noqa: E402
-from pipeline.sources import sampled_root  # noqa: E402
 from pipeline.training import train_model  # noqa: E402
 
 
@@ -69,9 +70,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     params = load_params("params.yaml")
-    root, classes = sampled_root(Path("reports/sample.json"))
-    train = pd.read_csv("data/manifests/train.csv", dtype={"path": str, "label": str})
-    val = pd.read_csv("data/manifests/val.csv", dtype={"path": str, "label": str})
+    report = handoffs.SampleReport.read()
+    root, classes = report.image_root(), list(report.classes)
+    train = handoffs.Manifest.read(handoffs.TRAIN_MANIFEST).frame
+    val = handoffs.Manifest.read(handoffs.VAL_MANIFEST).frame
     paths = [root / p for p in pd.concat([train, val])["path"]]
     auto = resolve_precision(params.train.precision)
     out: dict = {"cpu_threads": torch.get_num_threads(), "bf16_native": bf16_supported(),

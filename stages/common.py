@@ -1,40 +1,40 @@
-"""What every stage entry point shares: logging setup and turning user errors into messages."""
+"""The shared stage runner: logging, params, threads, and user errors turned into messages."""
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from pipeline.config import Params, load_params
-from pipeline.errors import PipelineError
+from pipeline.errors import USER_ERRORS
 
 log = logging.getLogger("stages")
 
 
-def run_stage(main: Callable[[Params], None]) -> None:
-    """Set up logging, load params.yaml, run ``main``; a PipelineError exits 2 with its message."""
+def run_stage(main: Callable[[Params], None], *, torch_threads: bool = False) -> None:
+    """Set up logging, load params.yaml, run ``main``; a user error exits 2 with its message.
+
+    ``torch_threads``: use every CPU core for torch (its default may be fewer); only the
+    stages that compute import torch.
+    """
     logging.basicConfig(
         level=os.environ.get("FOOD101_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
-        main(load_params("params.yaml"))
-    except PipelineError as exc:
+        params = load_params("params.yaml")
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+        main(params)
+    except USER_ERRORS as exc:
         log.error("%s", exc)
         sys.exit(2)
     # Tearing down torch, torchvision and MLflow's objects at exit costs ~1 s per stage
     # (measured); objects moved to the permanent generation skip the final collection.
     gc.freeze()
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Write ``data`` as pretty JSON, creating the parent folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

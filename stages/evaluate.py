@@ -2,30 +2,32 @@
 
 Inputs: ``reports/run.json``, ``data/manifests/test.csv`` (paths and sha256),
 ``reports/sample.json`` (image root, class order).
-Params: ``registry``. Outputs: ``metrics/evaluate.json``, ``reports/promotion.json``,
-``reports/per_class.csv``, ``plots/confusion.csv`` (dvc plots, confusion template),
-``plots/confusion_matrix.png``. All of it also goes to the MLflow run that ``train`` opened.
+Params: ``registry``, ``train.feature_batch_size``, ``train.num_workers``.
+Outputs: ``metrics/evaluate.json``, ``reports/promotion.json``, ``reports/per_class.csv``,
+``plots/confusion.csv`` (dvc plots, confusion template), ``plots/confusion_matrix.png``.
+All of it also goes to the MLflow run that ``train`` opened.
 """
 
-import json
-from pathlib import Path
-
+from pipeline import handoffs
 from pipeline.config import Params
-from pipeline.jobs import evaluate_and_log
-from pipeline.sources import sampled_root
-from stages.common import run_stage, write_json
+from pipeline.jobs.evaluate import TestData, evaluate_and_log
+from pipeline.paths import feature_cache_dir
+from pipeline.plots import png_bytes
+from stages.common import run_stage
 
 
 def main(params: Params) -> None:
-    root, classes = sampled_root(Path("reports/sample.json"))
-    run = json.loads(Path("reports/run.json").read_text())
-    out = evaluate_and_log(params, root, classes, Path("data/manifests/test.csv"), run,
-                           Path("plots"))
-    write_json("metrics/evaluate.json", out.metrics)
-    write_json("reports/promotion.json", out.decision)
-    out.per_class.to_csv("reports/per_class.csv", index=False)
-    out.confusion.to_csv("plots/confusion.csv", index=False)
+    report = handoffs.SampleReport.read()
+    data = TestData(report.image_root(), report.classes,
+                    handoffs.Manifest.read(handoffs.TEST_MANIFEST))
+    out = evaluate_and_log(data, handoffs.RunRef.read(), params.registry, params.train,
+                           feature_cache_dir())
+    handoffs.write_json(handoffs.EVALUATE_METRICS, out.metrics)
+    out.decision.write()
+    handoffs.write_csv(handoffs.PER_CLASS_REPORT, out.per_class)
+    handoffs.write_csv(handoffs.CONFUSION_CSV, out.confusion)
+    handoffs.atomic_write_bytes(handoffs.CONFUSION_PNG, png_bytes(out.figure))
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, torch_threads=True)

@@ -6,22 +6,19 @@ Outputs: ``predictions/predictions.csv`` (file, label, confidence, top5),
 ``metrics/predict.json`` (``accuracy`` against the answer key).
 """
 
-import json
-from pathlib import Path
-
+from pipeline import handoffs
 from pipeline.config import Params
-from pipeline.jobs import predict_and_log
-from stages.common import run_stage, write_json
+from pipeline.jobs.predict import predict_and_log
+from stages.common import run_stage
 
 
 def main(params: Params) -> None:
-    run = json.loads(Path("reports/run.json").read_text())
     preds, metrics = predict_and_log(
-        params, Path("data/unlabeled"), Path("data/manifests/unlabeled_key.csv"), run
+        handoffs.unlabeled_files(), handoffs.UnlabeledKey.read(handoffs.UNLABELED_KEY),
+        params.registry, params.predict, handoffs.RunRef.read(),
     )
-    Path("predictions").mkdir(exist_ok=True)
-    preds.to_csv("predictions/predictions.csv", index=False)
-    write_json("metrics/predict.json", metrics)
+    handoffs.write_csv(handoffs.PREDICTIONS, preds)
+    handoffs.write_json(handoffs.PREDICT_METRICS, metrics)
 
 
 if __name__ == "__main__":

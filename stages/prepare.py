@@ -5,17 +5,16 @@ class and official train/test list, ``source.json``; for ``data.source=demo`` al
 generated Food-101-layout photos).
 """
 
-from pathlib import Path
-
+from pipeline import handoffs
 from pipeline.config import Params
-from pipeline.sources import materialise
+from pipeline.data.sources import materialise
 from stages.common import run_stage
-
-OUT = Path("data/source")
 
 
 def main(params: Params) -> None:
-    materialise(params.data, params.demo, OUT)
+    info, index = materialise(params.data, params.demo, handoffs.SOURCE_DIR)
+    index.write(handoffs.SOURCE_INDEX)
+    info.write(handoffs.SOURCE_INFO)
 
 
 if __name__ == "__main__":

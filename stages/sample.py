@@ -5,27 +5,29 @@ Outputs: ``data/manifests/sample.csv``, ``data/manifests/test.csv``, ``data/unla
 ``data/manifests/unlabeled_key.csv``, ``reports/sample.json`` (counts, skipped files and why).
 """
 
+import dataclasses
 from pathlib import Path
 
+from pipeline import handoffs
 from pipeline.config import Params
-from pipeline.sampling import draw_sample
-from pipeline.sources import load_index
-from stages.common import run_stage, write_json
-
-MANIFESTS = Path("data/manifests")
+from pipeline.data.sampling import draw_sample
+from stages.common import run_stage
 
 
 def main(params: Params) -> None:
-    root, index, classes = load_index(Path("data/source"))
-    result = draw_sample(
-        root, index, classes, params.sample, params.data.image_size, Path("data/unlabeled")
-    )
-    MANIFESTS.mkdir(parents=True, exist_ok=True)
-    result.sample.to_csv(MANIFESTS / "sample.csv", index=False)
-    result.test.to_csv(MANIFESTS / "test.csv", index=False)
-    result.unlabeled_key.to_csv(MANIFESTS / "unlabeled_key.csv", index=False)
+    info = handoffs.SourceInfo.read()
+    root = info.image_root()
+    index = handoffs.SourceIndex.read(handoffs.SOURCE_INDEX)
+    result = draw_sample(root, index.frame, list(info.classes), params.sample,
+                         params.data.image_size)
+    result.sample.write(handoffs.SAMPLE_MANIFEST)
+    result.test.write(handoffs.TEST_MANIFEST)
+    result.unlabeled_key.write(handoffs.UNLABELED_KEY)
+    handoffs.write_unlabeled(result.unlabeled_key, root)
+    # The root as later stages find it: relative inside the workspace (DVC experiments run
+    # in other folders), absolute outside it.
     shown = root.relative_to(Path.cwd()) if root.is_relative_to(Path.cwd()) else root
-    write_json("reports/sample.json", {"root": str(shown), **result.report})
+    dataclasses.replace(result.report, root=str(shown)).write()
 
 
 if __name__ == "__main__":

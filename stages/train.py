@@ -8,39 +8,27 @@ Outputs: ``reports/run.json`` (the MLflow run id that ``evaluate`` and ``predict
 ``plots/learning_curves.png``.
 """
 
-import subprocess
-from pathlib import Path
-
-import pandas as pd
-import yaml
-
-from pipeline.config import ConfigError, Params, params_from_dict
-from pipeline.jobs import train_and_log
-from pipeline.sources import sampled_root
-from stages.common import run_stage, write_json
-
-
-def committed_params() -> dict | None:
-    """The flat params of params.yaml at git HEAD: the run name says what differs from it."""
-    try:
-        text = subprocess.run(
-            ["git", "show", "HEAD:params.yaml"], capture_output=True, text=True, check=True
-        ).stdout
-        return params_from_dict(yaml.safe_load(text)).flat()
-    except (OSError, subprocess.CalledProcessError, yaml.YAMLError, ConfigError):
-        return None
+from pipeline import handoffs
+from pipeline.config import Params
+from pipeline.jobs.train import TrainData, train_and_log
+from pipeline.paths import feature_cache_dir
+from pipeline.plots import png_bytes
+from pipeline.runs.tracking import run_spec
+from stages.common import run_stage
 
 
 def main(params: Params) -> None:
-    root, classes = sampled_root(Path("reports/sample.json"))
-    manifests = {s: Path(f"data/manifests/{s}.csv") for s in ("train", "val")}
-    out = train_and_log(params, root, classes, manifests, committed_params(), Path("plots"))
-    write_json("reports/run.json", {"run_id": out.run_id, "run_name": out.run_name,
-                                    "model_uri": out.model_uri})
-    write_json("metrics/train.json", out.metrics)  # the resolved values are MLflow params
-    history = pd.DataFrame(out.history).drop(columns="epoch_seconds")  # deterministic file
-    history.to_csv("plots/train_history.csv", index=False)
+    report = handoffs.SampleReport.read()
+    data = TrainData(report.image_root(), report.classes,
+                     handoffs.Manifest.read(handoffs.TRAIN_MANIFEST),
+                     handoffs.Manifest.read(handoffs.VAL_MANIFEST))
+    out = train_and_log(data, params.model, params.train, params.data.image_size,
+                        run_spec(params), feature_cache_dir())
+    out.run.write()
+    handoffs.write_json(handoffs.TRAIN_METRICS, out.metrics)  # resolved values: MLflow params
+    handoffs.write_csv(handoffs.TRAIN_HISTORY, out.history)
+    handoffs.atomic_write_bytes(handoffs.LEARNING_CURVES, png_bytes(out.curves))
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, torch_threads=True)

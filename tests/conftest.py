@@ -1,31 +1,33 @@
-"""Shared fixtures: tiny generated image folders and a temporary MLflow store.
+"""Shared fixtures: tiny generated image folders, temporary MLflow stores, and one tiny model
+trained, evaluated and promoted by the real jobs once per session.
 
 Nothing here needs the network: images are generated, weights are random (``weights=none``).
+Helpers that tests import are in ``helpers.py``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
 import pytest
+from helpers import TINY_DEMO, fresh_store, make_tiny_data
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "true")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_MINI = REPO.parent / "shared" / "datasets" / "food101-mini"
 
-TINY_DEMO = dict(classes=4, train_per_class=16, test_per_class=8, min_side=48, max_side=64,
-                 seed=7)
+def _end_runs() -> None:
+    while mlflow.active_run():
+        mlflow.end_run()
 
 
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> Path:
     """A generated Food-101-layout folder: 4 classes x (16 train + 8 test) small JPEGs."""
-    from pipeline.demo import generate_demo
+    from pipeline.data.demo import generate_demo
 
     out = tmp_path_factory.mktemp("demo") / "food"
     generate_demo(out, workers=1, **TINY_DEMO)
@@ -35,7 +37,7 @@ def tiny_demo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def learnable_demo(tmp_path_factory) -> Path:
     """A larger demo set (6 classes x (60 train + 20 test), 64-80 px) for learning checks."""
-    from pipeline.demo import generate_demo
+    from pipeline.data.demo import generate_demo
 
     out = tmp_path_factory.mktemp("demo_learn") / "food"
     generate_demo(out, classes=6, train_per_class=60, test_per_class=20, min_side=64,
@@ -57,25 +59,19 @@ def migrated_db(tmp_path_factory) -> Path:
     return path
 
 
-def fresh_store(folder: Path, migrated_db: Path) -> str:
-    """A new SQLite store in ``folder/mlruns`` (a copy of the migrated template); its URI."""
-    (folder / "mlruns").mkdir(parents=True)
-    shutil.copyfile(migrated_db, folder / "mlruns" / "mlflow.db")
-    return f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+def _use_store(monkeypatch, uri: str) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
 
 
 @pytest.fixture()
 def mlflow_store(tmp_path, monkeypatch, migrated_db) -> str:
     """A fresh SQLite MLflow store (tracking + registry) for one test."""
     uri = fresh_store(tmp_path, migrated_db)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _use_store(monkeypatch, uri)
     yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
+    _end_runs()
 
 
 @pytest.fixture()
@@ -93,55 +89,42 @@ def _two_threads():
     torch.set_num_threads(2)
 
 
-def tiny_params(**overrides):
-    """Params for tiny, fast runs (32 px images, small samples); ``section=dict`` overrides."""
-    from pipeline.config import params_from_dict
-
-    raw = {
-        "data": {"image_size": 32},
-        "demo": dict(TINY_DEMO),
-        "sample": {"size": 48, "test_size": 16, "unlabeled_size": 6, "seed": 1},
-        "split": {"val_fraction": 0.25},
-        "train": {"epochs": 2, "batch_size": 16, "log_every": 1, "num_workers": 0,
-                  "feature_batch_size": 16},
-    }
-    for section, values in overrides.items():
-        raw.setdefault(section, {}).update(values)
-    return params_from_dict(raw)
-
-
-def make_tiny_data(demo_root: Path, folder: Path) -> SimpleNamespace:
-    """Manifests drawn from a demo folder with the library (what sample + split produce)."""
-    from pipeline.sampling import draw_sample, split_sample
-    from pipeline.sources import index_food101
-
-    params = tiny_params()
-    root, index, classes = index_food101(demo_root)
-    res = draw_sample(root, index, classes, params.sample, params.data.image_size,
-                      folder / "unlabeled")
-    train, val = split_sample(res.sample, params.split)
-    manifests = {}
-    for name, df in (("train", train), ("val", val), ("test", res.test),
-                     ("unlabeled_key", res.unlabeled_key)):
-        manifests[name] = folder / f"{name}.csv"
-        df.to_csv(manifests[name], index=False)
-    return SimpleNamespace(root=root, classes=res.report["classes"], params=params,
-                           manifests=manifests, unlabeled=folder / "unlabeled",
-                           train=train, val=val, test=res.test, key=res.unlabeled_key)
-
-
 @pytest.fixture()
 def tiny_data(tiny_demo, tmp_path):
     """Manifests drawn from ``tiny_demo`` (what sample + split produce)."""
     return make_tiny_data(tiny_demo, tmp_path)
 
 
-@pytest.fixture()
-def trained_run(tiny_data, mlflow_store, feature_cache, tmp_path):
-    """A tiny model trained and logged by the real train job: (tiny_data, TrainOutputs)."""
-    from pipeline.jobs import train_and_log
+@pytest.fixture(scope="session")
+def champion(tiny_demo, tmp_path_factory, migrated_db) -> SimpleNamespace:
+    """A tiny model trained, evaluated, registered and promoted (v1, the champion) by the real
+    train and evaluate jobs, once per session, in a store and feature cache of its own.
 
-    out = train_and_log(tiny_data.params, tiny_data.root, tiny_data.classes,
-                        {k: tiny_data.manifests[k] for k in ("train", "val")}, None,
-                        tmp_path / "figures")
-    return tiny_data, out
+    Tests that use it must not change its registry; ``champion_store`` points MLflow at it.
+    """
+    from pipeline.jobs.evaluate import TestData, evaluate_and_log
+    from pipeline.jobs.train import TrainData, train_and_log
+    from pipeline.runs.tracking import run_spec
+
+    tmp = tmp_path_factory.mktemp("champion")
+    uri = fresh_store(tmp, migrated_db)
+    cache = tmp / "features"
+    with pytest.MonkeyPatch.context() as mp:
+        _use_store(mp, uri)
+        data = make_tiny_data(tiny_demo, tmp)
+        p = data.params
+        trained = train_and_log(TrainData(data.root, data.classes, data.train, data.val),
+                                p.model, p.train, p.data.image_size, run_spec(p), cache)
+        evaluated = evaluate_and_log(TestData(data.root, data.classes, data.test), trained.run,
+                                     p.registry, p.train, cache)
+        _end_runs()
+    return SimpleNamespace(uri=uri, tmp=tmp, cache=cache, data=data, params=data.params,
+                           trained=trained, evaluated=evaluated, name=p.registry.model_name)
+
+
+@pytest.fixture()
+def champion_store(champion, monkeypatch) -> SimpleNamespace:
+    """MLflow pointed at the session's ``champion`` store for one test."""
+    _use_store(monkeypatch, champion.uri)
+    yield champion
+    _end_runs()

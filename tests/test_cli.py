@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import pytest
+from helpers import log_echo_model
 from PIL import Image
 
-from pipeline import registry, tracking
 from pipeline.cli import DEFAULT_NAME, main
+from pipeline.runs import registry
 
 NAME = "cli-test-model"
-
-class EchoModel(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input, params=None):
-        return model_input
 
 
 @pytest.fixture(autouse=True)
@@ -27,10 +23,7 @@ def store(mlflow_store) -> str:
 @pytest.fixture()
 def versions(store):
     """Register ``n`` versions of a trivial logged model under NAME; returns a function."""
-    exp = tracking.ensure_experiment("cli-tests")
-    with mlflow.start_run(experiment_id=exp):
-        uri = mlflow.pyfunc.log_model(name="model", python_model=EchoModel(),
-                                      pip_requirements=["mlflow"]).model_uri
+    uri = log_echo_model("cli-tests")
 
     def make(*accuracies: float) -> list[str]:
         return [registry.register(uri, NAME, {"test_accuracy": f"{a:.6f}",
@@ -48,7 +41,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def gate(version: str, accuracy: float) -> dict:
-    return registry.gate(NAME, version, accuracy, "m" * 64, 0.0, lambda uri: 0.0)
+    return registry.gate(NAME, version, accuracy, "m" * 64, 0.0, lambda uri: 0.0).as_dict()
 
 
 # -- errors: exit 2, one clear line on stderr, nothing on stdout ---------------------------------
@@ -187,53 +180,63 @@ def test_versions_shows_champion(capsys, versions):
     assert rows[1][:2] == ["1", "previous-champion"]
 
 
-def test_predict_with_a_trained_champion(capsys, trained_run, tmp_path):
-    from pipeline.jobs import evaluate_and_log
+def test_predict_skips_unreadable_files_and_labels_the_rest(capsys, champion_store, tmp_path,
+                                                          monkeypatch):
+    """The command's own part (which files, what it prints); the model runs as in
+    ``registry.predict_files`` (tested with the real subprocess in the predict job's tests
+    and in the slow lane here)."""
+    import pandas as pd
 
-    data, out = trained_run
-    name = data.params.registry.model_name
-    ev = evaluate_and_log(data.params, data.root, data.classes, data.manifests["test"],
-                          {"run_id": out.run_id, "model_uri": out.model_uri}, tmp_path / "figs")
-    assert ev.decision["promoted"] is True
+    c = champion_store
+    images = [str(c.data.root / p) for p in c.data.test.frame["path"].head(2)]
+    calls = []
 
-    images = [str(data.root / p) for p in data.test["path"].head(2)]
+    def fake_predict(uri, paths, batch_size=16):
+        calls.append((uri, [str(p) for p in paths]))
+        return pd.DataFrame({"label": ["x", "y"], "confidence": [0.5, 0.25],
+                             "top5": ['[["x", 0.5]]', '[["y", 0.25]]']})
+
+    monkeypatch.setattr(registry, "predict_files", fake_predict)
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not a photo")
     capsys.readouterr()
-    assert main(["--name", name, "predict", *images]) == 0
+    assert main(["--name", c.name, "predict", "--json", str(bad), *images]) == 0
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "broken.jpg" in captured.err
+    assert calls == [(f"models:/{c.name}@champion", images)]  # the readable ones only
+    records = json.loads(captured.out)
+    assert [(r["file"], r["label"], r["confidence"]) for r in records] == [
+        (images[0], "x", 0.5), (images[1], "y", 0.25)]
+    assert main(["--name", c.name, "predict", str(bad)]) == 2
+    assert "none of the files is a readable image" in capsys.readouterr().err
+    assert len(calls) == 1
+
+
+@pytest.mark.slow
+def test_predict_table_with_a_version(capsys, champion_store):
+    c = champion_store
+    images = [str(c.data.root / p) for p in c.data.test.frame["path"].head(2)]
+    capsys.readouterr()
+    assert main(["--name", c.name, "predict", "--model", "1", *images]) == 0  # a real run
     captured = capsys.readouterr()
     assert "error" not in captured.err.lower()
     header, rows = _table(captured.out)
     assert header == ["file", "label", "confidence", "top5"]
     assert [r[0] for r in rows] == images
+    assert [r[1] for r in rows] == c.evaluated.confusion["predicted"].head(2).tolist()
     for r in rows:
-        assert r[1] in data.classes
         assert 0.0 <= float(r[2]) <= 1.0
         top5 = " ".join(r[3:])  # "label 0.40, label 0.30, ..."
-        assert len(top5.split(", ")) == min(5, len(data.classes))
+        assert len(top5.split(", ")) == min(5, len(c.data.classes))
         assert top5.startswith(r[1] + " ")
 
-    assert main(["--name", name, "predict", "--json", "--model", "1", *images]) == 0
-    records = json.loads(capsys.readouterr().out)
-    assert [rec["file"] for rec in records] == images
-    assert [rec["label"] for rec in records] == [r[1] for r in rows]  # v1 is the champion
-    for rec in records:
-        top = json.loads(rec["top5"])
-        assert top[0][0] == rec["label"]
-        assert top[0][1] == pytest.approx(rec["confidence"], abs=1e-6)
 
-    # An unreadable file is reported and skipped; the readable ones are still labelled.
-    bad = tmp_path / "broken.jpg"
-    bad.write_text("not a photo")
-    assert main(["--name", name, "predict", str(bad), images[0]]) == 0
-    captured = capsys.readouterr()
-    assert "skipped" in captured.err and "broken.jpg" in captured.err
-    assert [r[0] for r in _table(captured.out)[1]] == [images[0]]
-    assert main(["--name", name, "predict", str(bad)]) == 2
-    assert "none of the files is a readable image" in capsys.readouterr().err
-
-    assert main(["--name", name, "versions"]) == 0
-    _, vrows = _table(capsys.readouterr().out)
-    assert len(vrows) == 1
-    assert vrows[0][0] == "1"
-    assert f"{ev.metrics['test_accuracy']:.6f}" in vrows[0]
+def test_versions_of_a_trained_champion(capsys, champion_store):
+    c = champion_store
+    capsys.readouterr()
+    assert main(["--name", c.name, "versions"]) == 0
+    vrows = _table(capsys.readouterr().out)[1]
+    assert [r[0] for r in vrows] == ["1"]
+    assert f"{c.evaluated.metrics['test_accuracy']:.6f}" in vrows[0]
     assert "promoted" in vrows[0]
-    assert out.run_id in vrows[0]
+    assert c.trained.run.run_id in vrows[0]

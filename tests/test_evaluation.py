@@ -1,16 +1,12 @@
-"""Test metrics against true labels, the per-class report, the confusion matrix and its PNG."""
+"""Test metrics against true labels, the per-class report and the confusion matrix."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn.metrics import f1_score
 
 from pipeline.evaluation import classification_metrics, confusion, per_class_report
-from pipeline.plots import plot_confusion
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def balanced_labels(n_classes: int, per_class: int) -> np.ndarray:
@@ -145,29 +141,3 @@ def test_confusion_rows_are_true_columns_predicted():
     np.testing.assert_array_equal(cm, expected)
     assert cm.sum() == len(Y_TRUE)
     np.testing.assert_array_equal(cm.sum(axis=1), [2, 2, 2, 0])  # row sums = support
-
-
-def test_plot_confusion_writes_png(tmp_path):
-    cm = confusion(Y_TRUE, Y_PRED, len(CLASSES))
-    path = tmp_path / "nested" / "figures" / "cm.png"  # parent folders are created
-    out = plot_confusion(cm, CLASSES, path, "a title")
-    assert out == path
-    data = path.read_bytes()
-    assert len(data) > 1000
-    assert data[:8] == PNG_MAGIC
-    with Image.open(path) as img:
-        assert img.format == "PNG"
-        assert img.width > 100 and img.height > 100
-
-
-def test_plot_confusion_many_classes_without_annotations(tmp_path):
-    n = 45  # above the 40-class limit for in-cell counts; figure grows with the classes
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, n, 300)
-    p = rng.integers(0, n, 300)
-    cm = confusion(y, p, n)
-    small = plot_confusion(confusion(Y_TRUE, Y_PRED, 4), CLASSES, tmp_path / "small.png")
-    big = plot_confusion(cm, [f"class_{i}" for i in range(n)], tmp_path / "big.png")
-    assert big.read_bytes()[:8] == PNG_MAGIC
-    with Image.open(small) as s, Image.open(big) as b:
-        assert b.width > s.width

@@ -1,12 +1,116 @@
+"""The training loop (``train_one_epoch``, ``evaluate``, ``fit``) on small tensors, and
+``train_model`` on both of its paths."""
+
 import numpy as np
-from conftest import tiny_params
+import pytest
+import torch
+from helpers import tiny_params
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.sampling import draw_sample, split_sample
-from pipeline.sources import index_food101
-from pipeline.training import train_model
+from pipeline.data.sampling import draw_sample, split_sample
+from pipeline.data.sources import index_food101
+from pipeline.training import (
+    _lone_last_batch,
+    evaluate,
+    fit,
+    seed_everything,
+    train_model,
+    train_one_epoch,
+)
 
 
-def test_head_on_frozen_random_backbone_learns_the_demo(learnable_demo, tmp_path):
+def _separable(n=64, dim=8, classes=3, seed=0):
+    """Features whose class is the argmax of their first ``classes`` dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    y = x[:, :classes].argmax(1)
+    return x, y
+
+
+def _head(dim=8, classes=3):
+    return nn.Sequential(nn.Linear(dim, 16), nn.ReLU(), nn.Linear(16, classes),
+                         nn.LogSoftmax(dim=1))
+
+
+def test_evaluate_scores_against_the_true_labels():
+    x, y = _separable()
+    model = _head()
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    m = evaluate(model, loader, "fp32")
+    with torch.no_grad():
+        out = model(x)
+    assert m["val_accuracy"] == pytest.approx((out.argmax(1) == y).float().mean().item())
+    assert m["val_loss"] == pytest.approx(nn.functional.nll_loss(out, y).item(), rel=1e-5)
+    shuffled = DataLoader(TensorDataset(x, y[torch.randperm(len(y))]), batch_size=10)
+    assert evaluate(model, shuffled, "fp32")["val_accuracy"] != m["val_accuracy"]
+    assert not model.training
+
+
+def test_train_one_epoch_steps_logs_and_returns_the_mean_loss():
+    x, y = _separable(n=50)
+    model = _head()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)  # 16, 16, 16, 2
+    seen = []
+    m, step = train_one_epoch(model, loader, opt, freeze=None, precision="fp32", log_every=2,
+                              step=10, on_step=lambda s, loss: seen.append(s))
+    assert step == 14  # four batches after step 10
+    assert seen == [12, 14]
+    assert np.isfinite(m["train_loss"]) and m["train_loss"] > 0
+    assert model.training
+
+
+def test_fit_learns_and_reports_every_epoch():
+    x, y = _separable(n=120)
+    seed_everything(0)
+    model = _head()
+    epochs = []
+    cfg = tiny_params(train={"epochs": 6, "lr": 0.02, "log_every": 1000}).train
+    history = fit(model, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True),
+                  DataLoader(TensorDataset(x, y), batch_size=64), cfg, freeze=None,
+                  precision="fp32", on_epoch=lambda e, m: epochs.append(e))
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    assert [h["epoch"] for h in history] == epochs
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_accuracy"] >= 0.8  # linearly separable: well above chance 1/3
+
+
+def test_a_lone_last_batch_is_dropped_only_when_it_would_break_batchnorm():
+    assert _lone_last_batch(33, 16) is True  # 16 + 16 + 1
+    assert _lone_last_batch(34, 16) is False
+    assert _lone_last_batch(1, 16) is False  # a single batch: keep it
+    # a head with BatchNorm1d in train mode fails on a batch of one: that is what it avoids
+    bn = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2), nn.LogSoftmax(dim=1))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        bn.train()(torch.randn(1, 4))
+
+
+def test_train_model_with_a_lone_last_image(tiny_data):
+    """48 sampled, 36 train images, batch 35: the last batch has one image and is dropped."""
+    p = tiny_params(train={"batch_size": 35, "epochs": 1})
+    steps = []
+    result = train_model(tiny_data.root, tiny_data.train.frame, tiny_data.val.frame,
+                         list(tiny_data.classes), p.model, p.train, 32, None,
+                         on_step=lambda s, loss: steps.append(s))
+    assert len(tiny_data.train.frame) == 36
+    assert steps == [1]
+    assert np.isfinite(result.final["train_loss"])
+
+
+def test_end_to_end_path_with_augmentation(tiny_data):
+    p = tiny_params(train={"augment": True, "epochs": 1}, model={"freeze": "layer4"})
+    steps = []
+    result = train_model(tiny_data.root, tiny_data.train.frame, tiny_data.val.frame,
+                         list(tiny_data.classes), p.model, p.train, 32, None,
+                         on_step=lambda s, loss: steps.append(loss))
+    assert result.path == "end-to-end"
+    assert len(steps) == int(np.ceil(len(tiny_data.train.frame) / p.train.batch_size))
+    assert np.isfinite(result.final["val_loss"])
+
+
+@pytest.mark.slow
+def test_head_on_frozen_random_backbone_learns_the_demo(learnable_demo):
     """Well above chance (1/6) on held-out validation images of the generated demo set."""
     params = tiny_params(
         data={"image_size": 64},
@@ -14,24 +118,14 @@ def test_head_on_frozen_random_backbone_learns_the_demo(learnable_demo, tmp_path
         train={"epochs": 15, "batch_size": 32, "log_every": 1000},
     )
     root, index, classes = index_food101(learnable_demo)
-    res = draw_sample(root, index, classes, params.sample, 64, tmp_path / "u")
-    train, val = split_sample(res.sample, params.split)
+    res = draw_sample(root, index, classes, params.sample, 64)
+    train, val = split_sample(res.sample.frame, params.split)
     epochs = []
-    result = train_model(root, train, val, classes, params.model, params.train, 64,
-                         tmp_path / "cache", on_epoch=lambda e, m: epochs.append(e))
+    result = train_model(root, train, val, classes, params.model, params.train, 64, None,
+                         on_epoch=lambda e, m: epochs.append(e))
     assert epochs == list(range(1, 16))
     assert result.path == "cached-features"
     acc = result.final["val_accuracy"]
     assert acc >= 0.4, f"val_accuracy {acc:.3f} vs chance {1 / 6:.3f}"
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0]
-
-
-def test_end_to_end_path_with_augmentation(tiny_data, tmp_path):
-    p = tiny_params(train={"augment": True, "epochs": 1}, model={"freeze": "layer4"})
-    steps = []
-    result = train_model(tiny_data.root, tiny_data.train, tiny_data.val, tiny_data.classes,
-                         p.model, p.train, 32, None, on_step=lambda s, loss: steps.append(loss))
-    assert result.path == "end-to-end"
-    assert len(steps) == int(np.ceil(len(tiny_data.train) / p.train.batch_size))
-    assert np.isfinite(result.final["val_loss"])

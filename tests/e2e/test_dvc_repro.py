@@ -12,8 +12,11 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
+pytestmark = pytest.mark.slow
+
+STAGES = ("prepare", "sample", "split", "train", "evaluate", "predict")
 BIN = Path(sys.executable).parent
 TINY = {
     "data": {"image_size": 32},
@@ -71,8 +74,7 @@ def _champion(repo):
 
 def test_repro_runs_all_stages_and_ends_with_a_champion(project):
     repo, env, first = project
-    for stage in ("prepare", "sample", "split", "train", "evaluate", "predict"):
-        assert f"Running stage '{stage}'" in first
+    assert _ran(first) == set(STAGES)
     assert (repo / "mlruns" / "mlflow.db").is_file()
     preds = pd.read_csv(repo / "predictions" / "predictions.csv")
     assert len(preds) == 6 and list(preds.columns) == ["file", "label", "confidence", "top5"]
@@ -98,17 +100,28 @@ def test_second_repro_runs_nothing(project):
     assert "up to date" in _sh(repo, "dvc", "status", env=env)
 
 
+def _ran(out: str) -> set[str]:
+    return {s for s in STAGES if f"Running stage '{s}'" in out}
+
+
 def test_head_change_reruns_train_evaluate_predict_only(project):
     repo, env, _ = project
+    client = _client(repo)
+    v1_acc = float(client.get_model_version("food101-resnet50", "1").tags["test_accuracy"])
     out = _sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.01", env=env)
-    ran = {s for s in ("prepare", "sample", "split", "train", "evaluate", "predict")
-           if f"Running stage '{s}'" in out}
-    assert ran == {"train", "evaluate", "predict"}
+    assert _ran(out) == {"train", "evaluate", "predict"}
     decision = json.loads((repo / "reports" / "promotion.json").read_text())
-    assert decision["version"] == "2" and "reason" in decision
+    assert decision["version"] == "2"
+    v2_acc = json.loads((repo / "metrics" / "evaluate.json").read_text())["test_accuracy"]
+    # the set-up decides: promoted exactly when v2 beats v1 on the same test manifest
+    should = round(v2_acc, 6) > round(v1_acc, 6)
+    assert decision["promoted"] is should, (v1_acc, v2_acc, decision["reason"])
     client, champ = _champion(repo)
     v2 = client.get_model_version("food101-resnet50", "2")
-    assert v2.tags["promotion"] in ("promoted", "rejected")
+    assert v2.tags["promotion"] == ("promoted" if should else "rejected")
+    assert str(champ.version) == ("2" if should else "1")
+    predicted = json.loads((repo / "metrics" / "predict.json").read_text())["model_version"]
+    assert str(predicted) == str(champ.version)  # predict used the champion
     runs = client.search_runs([client.get_experiment_by_name("food101").experiment_id])
     names = {r.info.run_name for r in runs}
     assert any(n.endswith("lr=0.01") for n in names), names
@@ -127,6 +140,12 @@ def test_temp_experiment_writes_to_the_same_store(project):
     assert any(r.info.run_name.endswith("lr=0.001") and r.data.tags.get("dvc_exp_name")
                for r in runs)
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))  # nothing left behind there
+
+
+def test_inference_batch_size_reruns_predict_only(project):
+    repo, env, _ = project
+    out = _sh(repo, "dvc", "exp", "run", "-S", "predict.batch_size=8", env=env)
+    assert _ran(out) == {"predict"}
 
 
 def test_sample_size_experiment(project):

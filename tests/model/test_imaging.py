@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.imaging import ImageDecodeError, load_image, to_rgb
+from pipeline.model.errors import ImageDecodeError
+from pipeline.model.imaging import load_image, to_rgb
 
 
 def _jpeg(size=(40, 30), colour=(200, 30, 30), mode="RGB") -> bytes:

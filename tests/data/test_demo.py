@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.demo import MAX_CLASSES, RECIPES, class_names, generate_demo
+from pipeline.data.demo import MAX_CLASSES, RECIPES, class_names, generate_demo
 
 TINY = dict(classes=3, train_per_class=4, test_per_class=2, min_side=48, max_side=64)
 

@@ -1,17 +1,16 @@
-import json
+"""Every source in one shape: Food-101 layout, any ImageFolder, and the generated demo."""
 
 import pytest
 from PIL import Image
 
-from pipeline.config import DataConfig, DemoConfig
-from pipeline.sources import (
+from pipeline.config import ConfigError, DataConfig, DemoConfig
+from pipeline.data.sources import (
     SourceError,
     index_food101,
     index_imagefolder,
-    load_index,
     materialise,
-    sampled_root,
 )
+from pipeline.handoffs import SourceIndex, SourceInfo
 
 
 def test_food101_layout_is_indexed_from_the_official_lists(tiny_demo):
@@ -52,24 +51,41 @@ def test_imagefolder_errors(tmp_path):
         index_imagefolder(tmp_path, 0.25, 0)
 
 
+def _materialise_and_read(data, demo, out):
+    """What the prepare stage does, then what sample reads back."""
+    info, index = materialise(data, demo, out)
+    index.write(out / "index.csv")
+    info.write(out / "source.json")
+    read = SourceInfo.read(out / "source.json")
+    assert read == info
+    return read, SourceIndex.read(out / "index.csv").frame
+
+
 def test_materialise_demo_then_load(tmp_path):
     demo = DemoConfig(classes=3, train_per_class=4, test_per_class=2, min_side=40, max_side=48)
     out = tmp_path / "source"
-    summary = materialise(DataConfig(), demo, out)
-    assert summary["train_images"] == 12 and summary["test_images"] == 6
-    info = json.loads((out / "source.json").read_text())
-    assert info["root"] == "."  # relative: valid wherever DVC checks the folder out
-    root, index, classes = load_index(out)
-    assert root == out.resolve() and len(index) == 18 and len(classes) == 3
+    info, index = _materialise_and_read(DataConfig(), demo, out)
+    assert (info.train_images, info.test_images) == (12, 6)
+    assert info.root == "."  # relative: valid wherever DVC checks the folder out
+    assert info.fingerprint is None
+    assert info.image_root(out / "source.json") == out.resolve()
+    assert len(index) == 18 and len(info.classes) == 3
+    assert all((out / p).is_file() for p in index["path"])
 
 
 def test_materialise_food101_records_absolute_root(tiny_demo, tmp_path):
     out = tmp_path / "source"
-    materialise(DataConfig(source="food101", root=str(tiny_demo)), DemoConfig(), out)
-    root, index, _ = load_index(out)
-    assert root == tiny_demo and len(index) == 96
-    with pytest.raises(SourceError, match="run `dvc repro prepare`"):
-        load_index(tmp_path / "nothing")
+    (out / "images").mkdir(parents=True)  # a demo set materialised before is replaced
+    info, index = _materialise_and_read(DataConfig(source="food101", root=str(tiny_demo)),
+                                        DemoConfig(), out)
+    assert info.image_root(out / "source.json") == tiny_demo and len(index) == 96
+    assert info.fingerprint and not (out / "images").exists()
+
+
+def test_too_many_demo_classes_is_a_parameter_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"demo.classes: must lie in \[2, \d+\]"):
+        materialise(DataConfig(), DemoConfig(classes=999), tmp_path / "source")
+    assert not (tmp_path / "source").exists()
 
 
 def test_download_failure_offline_is_explained(tmp_path, monkeypatch):
@@ -96,20 +112,7 @@ def test_demo_source_is_byte_identical_when_regenerated(tmp_path):
         return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    materialise(DataConfig(), demo, tmp_path / "a")
+    _materialise_and_read(DataConfig(), demo, tmp_path / "a")
     first = digest(tmp_path / "a")
-    materialise(DataConfig(), demo, tmp_path / "a")
+    _materialise_and_read(DataConfig(), demo, tmp_path / "a")
     assert digest(tmp_path / "a") == first
-
-
-def test_sampled_root_resolves_or_explains(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    report = tmp_path / "reports" / "sample.json"
-    with pytest.raises(SourceError, match="run `dvc repro sample`"):
-        sampled_root(report)
-    report.parent.mkdir()
-    report.write_text(json.dumps({"root": "data/source", "classes": ["a", "b"]}))
-    with pytest.raises(SourceError, match="does not exist"):
-        sampled_root(report)
-    (tmp_path / "data" / "source").mkdir(parents=True)
-    assert sampled_root(report) == ((tmp_path / "data" / "source").resolve(), ["a", "b"])

@@ -6,9 +6,7 @@ list only, disjoint from each other.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +18,10 @@ from tqdm import tqdm
 
 from pipeline.config import SampleConfig, SplitConfig
 from pipeline.errors import PipelineError
-from pipeline.imaging import ImageDecodeError, load_image
+from pipeline.handoffs import Manifest, SampleReport, SkippedFile, UnlabeledKey
+from pipeline.hashing import sha256_bytes
+from pipeline.model.errors import ImageDecodeError
+from pipeline.model.imaging import load_image
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Checker:
 
     root: Path
     image_size: int
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)
     checked: int = 0
     _bar: tqdm | None = None
@@ -57,9 +58,9 @@ class Checker:
         except ImageDecodeError as exc:
             reason = str(exc).split(": ", 1)[-1]
         else:
-            self.digests[rel] = hashlib.sha256(data).hexdigest()
+            self.digests[rel] = sha256_bytes(data)
             return True
-        self.skipped.append({"path": rel, "split": split, "reason": reason})
+        self.skipped.append(SkippedFile(path=rel, split=split, reason=reason))
         log.warning("skipping %s: %s", rel, reason)
         return False
 
@@ -153,12 +154,12 @@ def _manifest(df: pd.DataFrame, classes: list[str], digests: dict[str, str]) -> 
     return out.sort_values(["class_index", "path"], ignore_index=True)[MANIFEST_COLUMNS]
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleResult:
-    sample: pd.DataFrame
-    test: pd.DataFrame
-    unlabeled_key: pd.DataFrame
-    report: dict
+    sample: Manifest
+    test: Manifest
+    unlabeled_key: UnlabeledKey  # neutral file names -> label and source path
+    report: SampleReport
 
 
 def draw_sample(
@@ -167,12 +168,11 @@ def draw_sample(
     available_classes: list[str],
     cfg: SampleConfig,
     image_size: int,
-    unlabeled_dir: Path,
 ) -> SampleResult:
     """Draw the train sample, the test set and the unlabeled predict inputs.
 
-    The unlabeled images are copied to ``unlabeled_dir`` as ``img_00001.<ext>`` (neutral
-    names, shuffled) and their labels go to the returned answer key only.
+    The unlabeled images get neutral, shuffled names (``img_00001.<ext>``); their labels go to
+    the answer key only (the caller copies the images under those names).
     """
     start = time.perf_counter()
     classes = choose_classes(available_classes, cfg.classes)
@@ -191,7 +191,7 @@ def draw_sample(
             test_list, cfg.test_size, classes, rng, lambda p: check(p, "test"),
             "sample.test_size",
         )
-        bad = {s["path"] for s in check.skipped}
+        bad = {s.path for s in check.skipped}
         rest = test_list[~test_list["path"].isin(set(test["path"]) | bad)]
         unlabeled = draw_stratified(
             rest, cfg.unlabeled_size, classes, rng, lambda p: check(p, "unlabeled"),
@@ -200,40 +200,37 @@ def draw_sample(
         check._bar = None
     seconds = time.perf_counter() - start
 
-    if unlabeled_dir.exists():
-        shutil.rmtree(unlabeled_dir)
-    unlabeled_dir.mkdir(parents=True)
     order = rng.permutation(len(unlabeled))
     key_rows = []
     for n, i in enumerate(order, start=1):
         rel, label = unlabeled.iloc[i]["path"], unlabeled.iloc[i]["label"]
-        name = f"img_{n:05d}{Path(rel).suffix.lower()}"
-        shutil.copyfile(root / rel, unlabeled_dir / name)
-        key_rows.append({"file": name, "label": label, "source_path": rel})
+        key_rows.append({"file": f"img_{n:05d}{Path(rel).suffix.lower()}", "label": label,
+                         "source_path": rel})
     key = pd.DataFrame(key_rows, columns=["file", "label", "source_path"])
 
     sample_m = _manifest(sample, classes, check.digests)
     test_m = _manifest(test, classes, check.digests)
-    report = {
-        "classes": classes,
-        "counts": {"sample": len(sample_m), "test": len(test_m), "unlabeled": len(key)},
-        "per_class": {
-            "sample": sample_m["label"].value_counts().reindex(classes).fillna(0).astype(int)
-            .to_dict(),
-            "test": test_m["label"].value_counts().reindex(classes).fillna(0).astype(int)
-            .to_dict(),
-        },
-        "checked_images": check.checked,
-        "skipped_count": len(check.skipped),
-        "skipped": check.skipped,
-    }  # no timings here: train depends on this file, which must not change when nothing did
+
+    def per_class(df: pd.DataFrame) -> dict[str, int]:
+        return {c: int(n) for c, n in df["label"].value_counts().reindex(classes).fillna(0)
+                .astype(int).items()}
+
+    report = SampleReport(
+        root=str(root),
+        classes=tuple(classes),
+        counts={"sample": len(sample_m), "test": len(test_m), "unlabeled": len(key)},
+        per_class={"sample": per_class(sample_m), "test": per_class(test_m)},
+        checked_images=check.checked,
+        skipped_count=len(check.skipped),
+        skipped=tuple(check.skipped),
+    )  # no timings here: train depends on this file, which must not change when nothing did
     log.info(
         "sampled %d train-list / %d test-list / %d unlabeled images of %d classes; "
         "%d unreadable skipped; %.1f s (%.0f img/s)",
         len(sample_m), len(test_m), len(key), len(classes), len(check.skipped), seconds,
         check.checked / seconds if seconds else 0,
     )
-    return SampleResult(sample_m, test_m, key, report)
+    return SampleResult(Manifest(sample_m), Manifest(test_m), UnlabeledKey(key), report)
 
 
 def split_sample(sample: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.DataFrame]:

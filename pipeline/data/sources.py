@@ -1,15 +1,14 @@
 """Materialise the configured data source as one index: which images exist, their class,
 and whether they belong to the train or the test list.
 
-Every source ends up in the same shape, ``<out_dir>/index.csv`` (``path`` relative to the
-image root, ``label``, ``split``) and ``<out_dir>/source.json`` (the image root and a
-fingerprint), so ``sample`` runs one code path for all of them.
+Every source ends up in the same shape, a :class:`~pipeline.handoffs.SourceIndex` (``path``
+relative to the image root, ``label``, ``split``) and a :class:`~pipeline.handoffs.SourceInfo`
+(the image root and a fingerprint), so ``sample`` runs one code path for all of them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -17,15 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import DataConfig, DemoConfig
+from pipeline.config import ConfigError, DataConfig, DemoConfig
 from pipeline.errors import PipelineError
-from pipeline.imaging import is_image_file
+from pipeline.handoffs import SourceIndex, SourceInfo
+from pipeline.model.imaging import is_image_file
 from pipeline.paths import resolve_user_path
 
 log = logging.getLogger(__name__)
-
-INDEX_FILE = "index.csv"
-SOURCE_FILE = "source.json"
 
 
 class SourceError(PipelineError):
@@ -139,15 +136,19 @@ def fingerprint(root: Path, paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def materialise(data: DataConfig, demo: DemoConfig, out_dir: Path) -> dict:
-    """Produce ``index.csv`` and ``source.json`` in ``out_dir`` for the configured source.
-
-    For ``demo`` the images themselves are generated into ``out_dir`` (Food-101 layout).
+def materialise(data: DataConfig, demo: DemoConfig,
+                out_dir: Path) -> tuple[SourceInfo, SourceIndex]:
+    """Index the configured source; for ``demo``, first generate its images into ``out_dir``
+    (Food-101 layout). An external source is indexed (and validated) before ``out_dir`` is
+    emptied. The caller writes the two returned hand-offs into ``out_dir``.
     """
     start = time.perf_counter()
     if data.source == "demo":
-        from pipeline.demo import generate_demo
+        from pipeline.data.demo import MAX_CLASSES, generate_demo
 
+        if demo.classes > MAX_CLASSES:
+            raise ConfigError(f"demo.classes: must lie in [2, {MAX_CLASSES}] (one class per "
+                              f"built-in recipe), got {demo.classes}")
         if data.root:
             log.warning("data.root=%s is ignored for data.source=demo", data.root)
         generate_demo(
@@ -161,8 +162,8 @@ def materialise(data: DataConfig, demo: DemoConfig, out_dir: Path) -> dict:
         )
         root, index, classes = index_food101(out_dir)
         root_ref = "."  # relative to out_dir: survives moves and DVC experiment workspaces
+        fingerprint_ = None  # DVC hashes the demo photos itself: they are inside out_dir
     else:
-        # Index (and validate) the external folder before touching out_dir.
         if data.source == "food101":
             root, index, classes = index_food101(resolve_user_path(data.root), data.download)
         else:
@@ -170,61 +171,23 @@ def materialise(data: DataConfig, demo: DemoConfig, out_dir: Path) -> dict:
                 resolve_user_path(data.root), data.test_fraction, data.seed
             )
         root_ref = str(root)
+        # An external folder is outside DVC's view: its (path, size, mtime) fingerprint
+        # stands in for it.
+        fingerprint_ = fingerprint(root, index["path"].tolist())
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
-    index.to_csv(out_dir / INDEX_FILE, index=False)
-    summary = {
-        "source": data.source,
-        "root": root_ref,
-        "classes": classes,
-        "train_images": int((index["split"] == "train").sum()),
-        "test_images": int((index["split"] == "test").sum()),
-    }  # no timings: a DVC output must be the same bytes when nothing changed
-    if data.source != "demo":
-        # DVC hashes the demo photos itself (they are inside the output); an external
-        # folder is outside DVC's view, so its (path, size, mtime) fingerprint stands in.
-        summary["fingerprint"] = fingerprint(root, index["path"].tolist())
-    (out_dir / SOURCE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    info = SourceInfo(
+        source=data.source,
+        root=root_ref,
+        classes=tuple(classes),
+        train_images=int((index["split"] == "train").sum()),
+        test_images=int((index["split"] == "test").sum()),
+        fingerprint=fingerprint_,
+    )  # no timings: a DVC output must be the same bytes when nothing changed
     log.info(
         "%s source: %d classes, %d train / %d test images listed under %s (%.1f s)",
-        data.source, len(classes), summary["train_images"], summary["test_images"], root,
+        data.source, len(classes), info.train_images, info.test_images, root,
         time.perf_counter() - start,
     )
-    return summary
-
-
-def load_index(source_dir: Path) -> tuple[Path, pd.DataFrame, list[str]]:
-    """Read what :func:`materialise` wrote: (image root, index, classes in order)."""
-    info_file = source_dir / SOURCE_FILE
-    if not info_file.is_file():
-        raise SourceError(f"{info_file} is missing: run `dvc repro prepare` first")
-    info = json.loads(info_file.read_text())
-    root = Path(info["root"])
-    root = root if root.is_absolute() else (source_dir / root).resolve()
-    if not root.is_dir():
-        raise SourceError(
-            f"image root {root} (from {info_file}) does not exist: was data.root moved? "
-            "Run `dvc repro -f prepare`."
-        )
-    index = pd.read_csv(source_dir / INDEX_FILE, dtype=str)
-    return root, index, list(info["classes"])
-
-
-def sampled_root(report_file: Path) -> tuple[Path, list[str]]:
-    """The image root and the class order that ``sample`` recorded in ``report_file``.
-
-    The stages after ``split`` read images through this root, not ``data/source``: the
-    manifests pin every image's sha256, so DVC need not re-hash the whole source for them.
-    """
-    if not report_file.is_file():
-        raise SourceError(f"{report_file} is missing: run `dvc repro sample` first")
-    report = json.loads(report_file.read_text())
-    root = Path(report["root"]).expanduser()
-    root = root if root.is_absolute() else root.resolve()
-    if not root.is_dir():
-        raise SourceError(
-            f"image root {root} (from {report_file}) does not exist: run `dvc repro` (or "
-            "`dvc checkout data/source` if DVC's cache holds it)."
-        )
-    return root, list(report["classes"])
+    return info, SourceIndex(index)

@@ -14,23 +14,16 @@ import threading
 import traceback
 from pathlib import Path
 
-import mlflow
 import pytest
+from helpers import log_echo_model
 
-from pipeline import registry, tracking
-from pipeline.registry import RegistryError
+from pipeline.runs import registry
+from pipeline.runs.registry import RegistryError
 
 NAME = "registry-test-model"
 MANIFEST = "a" * 64
 OTHER_MANIFEST = "b" * 64
 BARRIER_TIMEOUT = 120  # seconds; a child that never arrives breaks the barrier instead
-
-
-class EchoModel(mlflow.pyfunc.PythonModel):
-    """The smallest real pyfunc: returns its input."""
-
-    def predict(self, context, model_input, params=None):
-        return model_input
 
 
 # -- a fresh store per test, without paying for the schema migrations every time ----------------
@@ -44,11 +37,7 @@ def store(mlflow_store) -> str:
 @pytest.fixture()
 def model_uri(store) -> str:
     """One logged pyfunc model in the test's store; every version registers it."""
-    exp = tracking.ensure_experiment("registry-tests")
-    with mlflow.start_run(experiment_id=exp):
-        info = mlflow.pyfunc.log_model(name="model", python_model=EchoModel(),
-                                       pip_requirements=["mlflow"])
-    return info.model_uri
+    return log_echo_model("registry-tests")
 
 
 def new_version(uri: str, accuracy: float, manifest: str = MANIFEST, name: str = NAME) -> str:
@@ -63,7 +52,7 @@ def never_called(uri: str) -> float:
 
 def gate(version: str, accuracy: float, *, manifest: str = MANIFEST, min_delta: float = 0.0,
          evaluate=never_called, name: str = NAME) -> dict:
-    return registry.gate(name, version, accuracy, manifest, min_delta, evaluate)
+    return registry.gate(name, version, accuracy, manifest, min_delta, evaluate).as_dict()
 
 
 def aliases() -> dict[str, str]:
@@ -251,13 +240,13 @@ def _gate_worker(uri: str, model_uri: str, accuracies: list[float], index: int,
     """Child process: per round, register a version, then gate it together with the others."""
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        from pipeline import registry as reg
+        from pipeline.runs import registry as reg
 
         for rnd, acc in enumerate(accuracies):
             barrier.wait(BARRIER_TIMEOUT)  # round starts
             version = new_version(model_uri, acc)
             barrier.wait(BARRIER_TIMEOUT)  # everyone registered: gate at the same moment
-            decision = reg.gate(NAME, version, acc, MANIFEST, 0.0, never_called)
+            decision = reg.gate(NAME, version, acc, MANIFEST, 0.0, never_called).as_dict()
             results.put({"round": rnd, "worker": index, "version": version, "accuracy": acc,
                          "decision": decision})
             barrier.wait(BARRIER_TIMEOUT)  # round done: the parent looks at the registry

@@ -1,25 +1,27 @@
-"""MLflow tracking: the store, runs, params, metrics, datasets and the logged model.
+"""MLflow tracking, as run plumbing: the store, runs, params, metrics, datasets and artifacts.
 
-One of the two modules that touch MLflow (the other is ``registry``). The store is SQLite
-under the project's own ``mlruns/`` at an absolute path, also inside ``dvc exp run --temp``;
-``MLFLOW_TRACKING_URI`` overrides it (a team server).
+One of the three modules that import MLflow (with ``registry`` and the model's own
+``pipeline.model.pyfunc``). The store is SQLite under the project's own ``mlruns/`` at an
+absolute path, also inside ``dvc exp run --temp``; ``MLFLOW_TRACKING_URI`` overrides it (a
+team server).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # logs, not a terminal
 
 # MLflow hints that do not apply here: the manifests' class_index never has missing values,
 # and the dataset source is a local CSV either way.
@@ -30,18 +32,17 @@ for _msg in (
     warnings.filterwarnings("ignore", message=_msg)
 
 import mlflow  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from mlflow.models import ModelSignature  # noqa: E402
-from mlflow.types import ColSpec, Schema  # noqa: E402
+import yaml  # noqa: E402
 
+from pipeline.config import ConfigError, Params, params_from_dict  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.handoffs import CsvHandoff  # noqa: E402
 from pipeline.paths import project_root  # noqa: E402
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-PIPELINE_DIR = Path(__file__).resolve().parent
-MODEL_NAME_IN_RUN = "model"
+log = logging.getLogger(__name__)
 
 
 class TrackingError(PipelineError):
@@ -86,6 +87,9 @@ def ensure_experiment(name: str) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+# -- what a new run is called and tagged with --------------------------------------------------
+
+
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
@@ -112,6 +116,15 @@ def git_tags() -> dict[str, str]:
     return tags
 
 
+def committed_params() -> dict | None:
+    """The flat params of params.yaml at git HEAD (the run name says what differs from it)."""
+    text = _git("show", "HEAD:params.yaml")
+    try:
+        return params_from_dict(yaml.safe_load(text)).flat() if text else None
+    except (yaml.YAMLError, ConfigError):
+        return None
+
+
 def describe_changes(current: dict, baseline: dict | None) -> str:
     """``lr=0.001 epochs=3``: the params that differ from the committed params.yaml."""
     if not baseline:
@@ -133,12 +146,35 @@ def run_name(changes: str) -> str:
     return f"{prefix}: {text}" if prefix else text
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """What a new pipeline run is: experiment, name, tags and every (flattened) param."""
+
+    experiment: str
+    name: str
+    tags: dict[str, str]
+    params: dict
+
+
+def run_spec(params: Params, stage: str = "train") -> RunSpec:
+    """The run of this pipeline execution: named after what differs from the committed
+    params, tagged with git state, DVC experiment and the params hash."""
+    flat = params.flat()
+    tags = {**git_tags(), "params_hash": params.digest(), "stage": stage}
+    return RunSpec(params.mlflow.experiment, run_name(describe_changes(flat, committed_params())),
+                   tags, flat)
+
+
+# -- runs --------------------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
-def start_run(experiment: str, name: str, tags: dict[str, str]) -> Iterator[str]:
-    """Open a new run in ``experiment``; yields its id. A failure marks the run FAILED."""
-    exp_id = ensure_experiment(experiment)
-    with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags) as run:
-        log.info("MLflow run %s (%s) in %s", run.info.run_id, name, tracking_uri())
+def start_run(spec: RunSpec) -> Iterator[str]:
+    """Open a new run; yields its id. Every param is logged; a failure marks the run FAILED."""
+    exp_id = ensure_experiment(spec.experiment)
+    with mlflow.start_run(experiment_id=exp_id, run_name=spec.name, tags=spec.tags) as run:
+        log.info("MLflow run %s (%s) in %s", run.info.run_id, spec.name, tracking_uri())
+        log_params(spec.params)
         yield run.info.run_id
 
 
@@ -178,74 +214,28 @@ def set_tags(tags: dict) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def log_manifest(manifest: CsvHandoff, name: str, context: str) -> str:
+    """Log a manifest as an MLflow dataset input (its file's sha256 as a tag); returns it."""
+    dataset = mlflow.data.from_pandas(manifest.frame, source=manifest.path, name=name,
+                                      targets="label")
+    mlflow.log_input(dataset, context=context, tags={"sha256": manifest.sha256})
+    mlflow.set_tag(f"data.{name}_sha256", manifest.sha256)
+    return manifest.sha256
 
 
-def log_manifest(path: Path, name: str, context: str) -> str:
-    """Log a manifest CSV as an MLflow dataset input; returns the file's sha256."""
-    df = pd.read_csv(path)
-    digest = file_sha256(path)
-    dataset = mlflow.data.from_pandas(df, source=str(path), name=name, targets="label")
-    mlflow.log_input(dataset, context=context, tags={"sha256": digest})
-    mlflow.set_tag(f"data.{name}_sha256", digest)
-    return digest
+def log_dict(data: dict, artifact_file: str) -> None:
+    mlflow.log_dict(data, artifact_file)
 
 
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path)
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
 
 
-def log_dict(data: dict, name: str) -> None:
-    mlflow.log_dict(data, name)
+def log_figure(fig: Figure, artifact_file: str, dpi: int) -> None:
+    mlflow.log_figure(fig, artifact_file, save_kwargs={"dpi": dpi})
 
 
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    # Explicit: inferring them costs seconds per run and can miss torchvision.
-    return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "torchvision", "pillow")] + [
-        f"numpy=={version('numpy')}", f"pandas=={version('pandas')}",
-    ]
-
-
-def model_signature() -> ModelSignature:
-    """Input: image bytes (``image``) or a file path (``path``); output: label, confidence, top5."""
-    return ModelSignature(
-        inputs=Schema(
-            [ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]
-        ),
-        outputs=Schema(
-            [ColSpec("string", "label"), ColSpec("double", "confidence"), ColSpec("string", "top5")]
-        ),
-    )
-
-
-def log_model(model: torch.nn.Module, meta: dict, example_images: list[bytes]) -> str:
-    """Log the self-contained pyfunc (code, weights, metadata) in the active run; its URI."""
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "weights.pt"
-        torch.save(model.state_dict(), weights)
-        meta_file = Path(tmp) / "meta.json"
-        meta_file.write_text(json.dumps(meta, indent=2))
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN,
-            python_model=str(PIPELINE_DIR / "serving.py"),
-            code_paths=[str(PIPELINE_DIR / "imaging.py"), str(PIPELINE_DIR / "modeling.py")],
-            artifacts={"weights": str(weights), "meta": str(meta_file)},
-            signature=model_signature(),
-            input_example=pd.DataFrame({"image": example_images}),
-            pip_requirements=_requirements(),
-        )
-    return info.model_uri
-
-
-def load_pyfunc(model_uri: str):
-    """Load a logged or registered model as a pyfunc.
-
-    Without MLflow's check of the model's pip requirements against this environment: it
-    scans every installed distribution (~1 s per load), and the pipeline loads only models
-    it logged itself, from this same environment.
-    """
+def download_model(model_uri: str, dst: Path) -> Path:
+    """A logged model's folder, downloaded (copied, for a local store) into ``dst``."""
     configure()
-    return mlflow.pyfunc.load_model(model_uri, suppress_warnings=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))

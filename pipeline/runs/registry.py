@@ -1,9 +1,12 @@
-"""The MLflow Model Registry: versions, aliases and the promotion gate.
+"""The MLflow Model Registry: versions, aliases, the promotion gate, and running a registered
+model the way a consumer does.
 
-One of the two modules that touch MLflow (the other is ``tracking``). Aliases:
-``challenger`` (the newest evaluated version), ``champion`` (what consumers load),
-``previous-champion`` (what a rollback restores). Every decision is returned as a dict
-(written to ``reports/promotion.json``) and stored as version tags.
+One of the three modules that import MLflow (with ``tracking`` and the model's own
+``pipeline.model.pyfunc``). Aliases: ``challenger`` (the newest evaluated version),
+``champion`` (what consumers load), ``previous-champion`` (what a rollback restores). Every
+decision is returned as a :class:`~pipeline.handoffs.Promotion` (the stage writes it to
+``reports/promotion.json``) and stored as version tags. Change the promotion rule in
+:func:`gate`.
 """
 
 from __future__ import annotations
@@ -11,15 +14,22 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import json
 import logging
-from collections.abc import Callable, Iterator
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
 from pipeline.errors import PipelineError
+from pipeline.handoffs import Promotion
+from pipeline.runs import tracking
 
 log = logging.getLogger(__name__)
 
@@ -149,26 +159,19 @@ def gate(
     manifest_sha256: str,
     min_delta: float,
     evaluate: Callable[[str], float],
-) -> dict:
+    run_id: str = "",
+) -> Promotion:
     """Promote ``version`` to champion if there is none, or if its test accuracy beats the
     champion's **on the same test manifest** by more than ``min_delta``.
 
     When the champion was measured on another manifest, ``evaluate(model_uri)`` re-measures
-    it on this one. The whole read-decide-write runs under :func:`promotion_lock`.
+    it on this one (in a fresh process, with the code that model carries). The whole
+    read-decide-write runs under :func:`promotion_lock`.
     """
     c = client()
     with promotion_lock():
         champ = alias_version(name, CHAMPION, c)
-        decision = {
-            "model_name": name,
-            "version": str(version),
-            "test_accuracy": accuracy,
-            "test_manifest_sha256": manifest_sha256,
-            "min_delta": min_delta,
-            "champion_version": str(champ.version) if champ else None,
-            "champion_test_accuracy": None,
-            "decided_at": _now(),
-        }
+        champ_acc = None
         if champ is None:
             promoted, reason = True, "no champion yet"
         elif str(champ.version) == str(version):
@@ -184,7 +187,6 @@ def gate(
                          champ.version)
                 champ_acc = float(evaluate(f"models:/{name}/{champ.version}"))
                 c.set_model_version_tag(name, champ.version, key, f"{champ_acc:.6f}")
-            decision["champion_test_accuracy"] = champ_acc
             # Compare at the 6 decimals that version tags store, so equal scores tie.
             promoted = round(accuracy, 6) > round(champ_acc + min_delta, 6)
             verb = "beats" if promoted else "does not beat"
@@ -194,7 +196,13 @@ def gate(
             )
         if promoted:
             _set_champion(c, name, str(version), champ)
-        decision.update(promoted=promoted, reason=reason)
+        decision = Promotion(
+            model_name=name, version=str(version), test_accuracy=accuracy,
+            test_manifest_sha256=manifest_sha256, min_delta=min_delta,
+            champion_version=str(champ.version) if champ else None,
+            champion_test_accuracy=champ_acc, decided_at=_now(), promoted=promoted,
+            reason=reason, run_id=run_id,
+        )
         c.set_model_version_tag(name, str(version), "promotion", "promoted" if promoted
                                 else "rejected")
         c.set_model_version_tag(name, str(version), "promotion_reason", reason)
@@ -261,14 +269,58 @@ def list_versions(name: str) -> list[dict]:
     return sorted(rows, key=lambda r: -r["version"])
 
 
-def load_model(name: str, ref: str):
-    """The pyfunc behind ``models:/name@alias`` or ``models:/name/version``."""
-    return tracking.load_pyfunc(model_uri(name, ref))
-
-
 def lock_path() -> Path:
     """Beside the SQLite file of a local store; under the project's mlruns/ otherwise."""
     uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///"):
         return Path(uri.removeprefix("sqlite:///")).parent / "registry.lock"
     return tracking.store_dir() / "registry.lock"
+
+
+# -- running a registered model ------------------------------------------------------------
+
+# A fresh interpreter that loads the model the way a consumer does: `python -I` (no
+# PYTHONPATH, no working directory on sys.path) started in an empty folder, without the
+# editable install of this repository on the import path. So the model runs the code it
+# carries (MLflow puts its code/ first on sys.path), never this checkout's current copy.
+_RUN_MODEL = r"""
+import json, sys
+sys.dont_write_bytecode = True  # a local store's model folder is loaded in place
+sys.meta_path[:] = [f for f in sys.meta_path
+                    if not str(getattr(f, "__module__", "")).startswith("__editable__")]
+spec = json.load(sys.stdin)
+import mlflow, pandas as pd, torch
+torch.set_num_threads(spec["threads"])
+mlflow.set_tracking_uri(spec["tracking_uri"])
+mlflow.set_registry_uri(spec["tracking_uri"])
+model = mlflow.pyfunc.load_model(spec["model_uri"], suppress_warnings=True)
+params = spec["params"] if model.metadata.get_params_schema() is not None else None
+out = model.predict(pd.DataFrame({"path": spec["paths"]}), params=params)
+with open(spec["out"], "w") as fh:
+    json.dump(out.to_dict(orient="list"), fh)
+import os
+os._exit(0)  # skips tearing down torch and MLflow (~1.5 s); the output is closed
+"""
+
+
+def predict_files(model_uri: str, paths: Sequence[Path], batch_size: int = 16) -> pd.DataFrame:
+    """The model's predictions (label, confidence, top5) for image files, computed in a fresh
+    process by the code the model carries (also for versions logged by older code)."""
+    store = tracking.configure()
+    with tempfile.TemporaryDirectory(prefix="food101-predict-") as tmp:
+        out = Path(tmp) / "predictions.json"
+        spec = {
+            "tracking_uri": store, "model_uri": model_uri, "out": str(out),
+            "paths": [str(Path(p).resolve()) for p in paths],
+            "params": {"batch_size": batch_size}, "threads": os.cpu_count() or 1,
+        }
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        proc = subprocess.run([sys.executable, "-I", "-c", _RUN_MODEL], input=json.dumps(spec),
+                              cwd=tmp, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
+            raise RegistryError(
+                f"running {model_uri} (from {store}) in a fresh process failed "
+                f"(exit {proc.returncode}):\n{tail}"
+            )
+        return pd.DataFrame(json.loads(out.read_text()))

@@ -1,0 +1,115 @@
+"""The ``evaluate`` job: score the run's logged model on the test manifest, log it, register a
+new version and gate it."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from pipeline.config import RegistryConfig, TrainConfig
+from pipeline.evaluation import classification_metrics, confusion, per_class_report
+from pipeline.features import score_manifest
+from pipeline.handoffs import Manifest, Promotion, RunRef
+from pipeline.model.pyfunc import load_network
+from pipeline.plots import DPI, confusion_figure
+from pipeline.runs import registry, tracking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TestData:
+    root: Path
+    classes: tuple[str, ...]
+    test: Manifest
+
+
+@dataclass(frozen=True)
+class EvalOutputs:
+    metrics: dict  # test_accuracy, test_top5_accuracy, test_macro_f1
+    per_class: pd.DataFrame  # class, precision, recall, f1, support
+    confusion: pd.DataFrame  # one row per test image: actual, predicted (for dvc plots)
+    decision: Promotion
+    figure: Figure  # the confusion matrix (also logged to the run)
+
+
+def labels_accuracy(labels: list[str], truth: list[str]) -> float:
+    """Share of predicted labels equal to the true ones."""
+    return float(np.mean(np.asarray(labels) == np.asarray(truth))) if truth else 0.0
+
+
+def champion_scorer(root: Path, test: pd.DataFrame, batch_size: int) -> Callable[[str], float]:
+    """What the gate calls to re-measure another registered model on this test manifest: its
+    accuracy, computed in a fresh process with the code that model carries (so versions
+    logged by older code are scored by that code)."""
+    paths = [root / p for p in test["path"]]
+
+    def score(model_uri: str) -> float:
+        labels = registry.predict_files(model_uri, paths, batch_size)["label"]
+        return labels_accuracy(labels.tolist(), test["label"].tolist())
+
+    return score
+
+
+def evaluate_and_log(
+    data: TestData,
+    run: RunRef,
+    registry_cfg: RegistryConfig,
+    train_cfg: TrainConfig,
+    cache_dir: Path | None,
+) -> EvalOutputs:
+    """Test metrics (always against the true labels), per-class report and confusion matrix
+    in the run; then a new registry version and the promotion gate.
+
+    ``train_cfg`` gives the extraction batch size and decoding workers (speed, not results).
+    """
+    df = data.test.frame
+    classes = list(data.classes)
+    y_true = df["class_index"].to_numpy()
+    with tracking.resume_run(run.run_id) as run_id:
+        with tempfile.TemporaryDirectory() as tmp:
+            net, card = load_network(tracking.download_model(run.model_uri, Path(tmp)))
+        if list(card.classes) != classes:
+            raise tracking.TrackingError(
+                "the logged model's classes differ from reports/sample.json: re-run train")
+        probs = score_manifest(net, card, data.root, df, cache_dir=cache_dir,
+                               batch_size=train_cfg.feature_batch_size,
+                               num_workers=train_cfg.num_workers)
+        y_pred = probs.argmax(1)
+        metrics = classification_metrics(y_true, probs)
+        per_class = per_class_report(y_true, y_pred, classes)
+        cm = confusion(y_true, y_pred, len(classes))
+        digest = tracking.log_manifest(data.test, "test", "testing")
+        tracking.log_metrics(metrics)
+        figure = confusion_figure(
+            cm, classes, f"Confusion matrix, test set (accuracy {metrics['test_accuracy']:.3f})")
+        tracking.log_figure(figure, "evaluation/confusion_matrix.png", DPI)
+        tracking.log_text(per_class.to_csv(index=False), "evaluation/per_class_report.csv")
+        tracking.log_text(pd.DataFrame(cm, index=classes, columns=classes).to_csv(),
+                          "evaluation/confusion_matrix.csv")
+
+        name = registry_cfg.model_name
+        version = registry.register(run.model_uri, name, {
+            "run_id": run_id,
+            "test_accuracy": f"{metrics['test_accuracy']:.6f}",
+            "test_top5_accuracy": f"{metrics['test_top5_accuracy']:.6f}",
+            "test_macro_f1": f"{metrics['test_macro_f1']:.6f}",
+            "test_manifest_sha256": digest,
+        })
+        decision = registry.gate(name, version, metrics["test_accuracy"], digest,
+                                 registry_cfg.min_delta,
+                                 champion_scorer(data.root, df, train_cfg.feature_batch_size),
+                                 run_id)
+        tracking.set_tags({"registered_version": version,
+                           "promotion": "promoted" if decision.promoted else "rejected"})
+        tracking.log_dict(decision.as_dict(), "evaluation/promotion.json")
+    confusion_rows = pd.DataFrame({"actual": [classes[i] for i in y_true],
+                                   "predicted": [classes[i] for i in y_pred]})
+    return EvalOutputs(metrics, per_class, confusion_rows, decision, figure)

@@ -1,0 +1,98 @@
+"""The transform presets (torchvision's ``references/classification/presets.py`` shape): one
+eval preset used by feature extraction, evaluation, prediction and the logged model, and one
+train preset for ``train.augment``. Sizes come from the model card or the config.
+
+The geometry is torchvision's transforms v2 on PIL images. Turning pixels into normalised
+tensors is :func:`normalize_batch`, not ``v2.ToDtype(scale=True)`` + ``v2.Normalize``: v2
+scales by multiplying with 1/255 where ``ToTensor`` divided by 255, which changes the last bit
+of some values, and every feature cached so far (and the accuracy of every logged model) was
+computed with the division.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Bumped whenever the preprocessing code changes in a way the fields below do not show, so
+# cached features computed by older code can never be reused.
+PREPROCESSING_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything that determines the eval preprocessing (part of the feature-cache key and of
+    the model card)."""
+
+    resize: int
+    crop: int
+    version: int = PREPROCESSING_VERSION
+    decode: str = "PIL, RGB, JPEG draft to >= image_size"
+    interpolation: str = "bilinear-antialias"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def for_size(cls, image_size: int) -> Preprocessing:
+        """Resize the shorter side to ``image_size``, then centre-crop a square of it."""
+        return cls(resize=image_size, crop=image_size)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def eval_resize_crop(image_size: int) -> v2.Compose:
+    """The geometric half of the eval preset: PIL RGB -> PIL RGB of S x S."""
+    return v2.Compose(
+        [
+            v2.Resize(image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.CenterCrop(image_size),
+        ]
+    )
+
+
+def eval_pixels(img: Image.Image, resize_crop: v2.Compose) -> np.ndarray:
+    """A decoded RGB PIL image -> its [S,S,3] uint8 pixels after ``resize_crop``."""
+    return np.array(resize_crop(img))  # a writable copy: torch.as_tensor wants one
+
+
+def normalize_batch(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """[N,S,S,3] uint8 pixels -> [N,3,S,S] float32 in channels_last memory, ImageNet-normalised.
+
+    The same arithmetic as torchvision's ``ToTensor`` + ``Normalize`` (bit for bit, tested),
+    once per batch: uint8 crosses from a decoding worker (4x less than float32), and NHWC
+    pixels are already the channels_last layout the network runs in.
+    """
+    x = torch.as_tensor(pixels).permute(0, 3, 1, 2)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return x.float().div(255).sub(mean).div(std).contiguous(memory_format=torch.channels_last)
+
+
+class ToNormalizedTensor:
+    """PIL RGB -> [3,S,S] float32, ImageNet-normalised: :func:`normalize_batch` for one image."""
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return normalize_batch(np.array(img)[None])[0]
+
+
+def eval_transform(image_size: int) -> v2.Compose:
+    """Eval preset: resize the shorter side, centre crop, normalise -> [3,S,S]."""
+    return v2.Compose([eval_resize_crop(image_size), ToNormalizedTensor()])
+
+
+def train_transform(image_size: int) -> v2.Compose:
+    """Train preset (``train.augment``): random resized crop and horizontal flip."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            ToNormalizedTensor(),
+        ]
+    )

@@ -1,0 +1,1 @@
+"""Run plumbing: MLflow tracking (``tracking``) and the Model Registry (``registry``)."""

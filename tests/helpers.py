@@ -1,0 +1,145 @@
+"""Helpers shared by the tests (imported as ``helpers``; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LEGACY_MODEL = REPO / "tests" / "fixtures" / "legacy_model"
+SHARED_MINI = REPO.parent / "shared" / "datasets" / "food101-mini"
+
+TINY_DEMO = dict(classes=4, train_per_class=16, test_per_class=8, min_side=48, max_side=64,
+                 seed=7)
+
+
+def require_shared_photos() -> Path:
+    """The shared real Food-101 subset, or a skip that says why and where it should be."""
+    if not (SHARED_MINI / "meta" / "train.txt").is_file():
+        pytest.skip(f"the shared real Food-101 photos are not at {SHARED_MINI} (CI has them)")
+    return SHARED_MINI
+
+
+def tiny_params(**overrides):
+    """Params for tiny, fast runs (32 px images, small samples); ``section=dict`` overrides."""
+    from pipeline.config import params_from_dict
+
+    raw = {
+        "data": {"image_size": 32},
+        "demo": dict(TINY_DEMO),
+        "sample": {"size": 48, "test_size": 16, "unlabeled_size": 6, "seed": 1},
+        "split": {"val_fraction": 0.25},
+        "train": {"epochs": 2, "batch_size": 16, "log_every": 1, "num_workers": 0,
+                  "feature_batch_size": 16},
+    }
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return params_from_dict(raw)
+
+
+def fresh_store(folder: Path, migrated_db: Path) -> str:
+    """A new SQLite store in ``folder/mlruns`` (a copy of the migrated template); its URI."""
+    (folder / "mlruns").mkdir(parents=True)
+    shutil.copyfile(migrated_db, folder / "mlruns" / "mlflow.db")
+    return f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+
+
+def make_tiny_data(demo_root: Path, folder: Path, **overrides) -> SimpleNamespace:
+    """Manifests drawn from a demo folder as the stages do (sample + split), written to
+    ``folder`` and read back as the typed hand-offs."""
+    from pipeline.data.sampling import draw_sample, split_sample
+    from pipeline.data.sources import index_food101
+    from pipeline.handoffs import Manifest, UnlabeledKey, write_unlabeled
+
+    params = tiny_params(**overrides)
+    root, index, classes = index_food101(demo_root)
+    res = draw_sample(root, index, classes, params.sample, params.data.image_size)
+    train, val = split_sample(res.sample.frame, params.split)
+    paths = {name: folder / f"{name}.csv" for name in ("train", "val", "test", "unlabeled_key")}
+    Manifest(train).write(paths["train"])
+    Manifest(val).write(paths["val"])
+    res.test.write(paths["test"])
+    res.unlabeled_key.write(paths["unlabeled_key"])
+    write_unlabeled(res.unlabeled_key, root, folder / "unlabeled")
+    return SimpleNamespace(
+        root=root, classes=res.report.classes, params=params, report=res.report,
+        train=Manifest.read(paths["train"]), val=Manifest.read(paths["val"]),
+        test=Manifest.read(paths["test"]), key=UnlabeledKey.read(paths["unlabeled_key"]),
+        paths=paths, unlabeled=folder / "unlabeled",
+    )
+
+
+class EchoModel(mlflow.pyfunc.PythonModel):
+    """The smallest real pyfunc: returns its input (registry tests need no network)."""
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return model_input
+
+
+def log_echo_model(experiment: str) -> str:
+    """One trivial logged model in the current store; its URI."""
+    from pipeline.runs import tracking
+
+    exp = tracking.ensure_experiment(experiment)
+    with mlflow.start_run(experiment_id=exp):
+        return mlflow.pyfunc.log_model(name="model", python_model=EchoModel(),
+                                       pip_requirements=["mlflow"]).model_uri
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def champion_network(champion, tmp: Path):
+    """The (network, card) of the session champion, read from its downloaded model folder."""
+    from pipeline.model.pyfunc import load_network
+    from pipeline.runs import tracking
+
+    local = tracking.download_model(champion.trained.run.model_uri, tmp / "model-download")
+    try:
+        return load_network(local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def log_legacy_model(champion, tmp: Path) -> str:
+    """A model as the pipeline's old code logged it (``tests/fixtures/legacy_model``:
+    serving.py + imaging.py + modeling.py, meta.json), with the champion's weights; its URI."""
+    import torch
+
+    from pipeline.runs import tracking
+
+    net, card = champion_network(champion, tmp)
+    torch.save(net.state_dict(), tmp / "weights.pt")
+    meta = {"arch": card.arch, "classes": list(card.classes), "image_size": card.image_size,
+            "hidden": card.head.hidden, "dropout": card.head.dropout,
+            "feature_norm": card.head.feature_norm, "precision": card.precision,
+            "batch_size": 16, "weights": card.weights, "run_id": card.run_id}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    exp = tracking.ensure_experiment("legacy")
+    # MLflow runs the models-from-code file while logging it; the old code found its
+    # modules as top-level `imaging` / `modeling` when `pipeline.imaging` did not exist.
+    sys.path.insert(0, str(LEGACY_MODEL))
+    try:
+        with mlflow.start_run(experiment_id=exp):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(LEGACY_MODEL / "serving.py"),
+                code_paths=[str(LEGACY_MODEL / "imaging.py"),
+                            str(LEGACY_MODEL / "modeling.py")],
+                artifacts={"weights": str(tmp / "weights.pt"), "meta": str(tmp / "meta.json")},
+                pip_requirements=["mlflow"])
+    finally:
+        sys.path.remove(str(LEGACY_MODEL))
+        for name in ("imaging", "modeling"):
+            sys.modules.pop(name, None)
+    return info.model_uri

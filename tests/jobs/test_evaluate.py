@@ -1,0 +1,93 @@
+"""The evaluate job: test metrics against the true labels, artifacts in the training run, a
+new registry version and the gate's decision."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from helpers import log_legacy_model
+
+from pipeline.jobs.evaluate import labels_accuracy
+from pipeline.runs import registry
+
+
+def test_metrics_are_against_the_true_labels(champion_store):
+    c = champion_store
+    ev = c.evaluated
+    test = c.data.test.frame
+    assert set(ev.metrics) == {"test_accuracy", "test_top5_accuracy", "test_macro_f1"}
+    assert len(ev.confusion) == len(test)
+    assert ev.confusion["actual"].tolist() == test["label"].tolist()
+    acc = float((ev.confusion["actual"] == ev.confusion["predicted"]).mean())
+    assert ev.metrics["test_accuracy"] == pytest.approx(acc)
+    assert ev.metrics["test_top5_accuracy"] >= ev.metrics["test_accuracy"]
+    assert ev.per_class["class"].tolist() == list(c.data.classes)
+    assert ev.per_class["support"].sum() == len(test)
+    assert ev.figure.axes
+
+
+def test_the_training_run_holds_the_evaluation(champion_store, tmp_path):
+    c = champion_store
+    ev, run_id = c.evaluated, c.trained.run.run_id
+    run = mlflow.get_run(run_id)
+    for key, value in ev.metrics.items():
+        assert run.data.metrics[key] == pytest.approx(value)
+    assert run.data.tags["registered_version"] == "1"
+    assert run.data.tags["promotion"] == "promoted"
+    assert run.data.tags["data.test_sha256"] == c.data.test.sha256
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/per_class_report.csv",
+            "evaluation/confusion_matrix.csv", "evaluation/promotion.json"} <= artifacts
+    local = Path(client.download_artifacts(run_id, "evaluation", str(tmp_path)))
+    assert (local / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pd.read_csv(local / "per_class_report.csv")["class"].tolist() == list(c.data.classes)
+    cm = pd.read_csv(local / "confusion_matrix.csv", index_col=0)
+    assert cm.values.sum() == len(c.data.test.frame)
+    assert json.loads((local / "promotion.json").read_text()) == ev.decision.as_dict()
+
+
+def test_registered_as_the_first_champion(champion_store):
+    c = champion_store
+    d = c.evaluated.decision
+    assert (d.promoted, d.reason, d.version, d.run_id) == (
+        True, "no champion yet", "1", c.trained.run.run_id)
+    assert d.test_manifest_sha256 == c.data.test.sha256
+    assert registry.resolved_version(c.name, "champion") == "1"
+    mv = registry.get_version(c.name, 1)
+    assert mv.run_id == c.trained.run.run_id
+    assert mv.tags["test_accuracy"] == f"{c.evaluated.metrics['test_accuracy']:.6f}"
+    assert mv.tags["test_manifest_sha256"] == c.data.test.sha256
+    assert mv.tags["promotion"] == "promoted"
+
+
+def test_labels_accuracy_compares_with_the_truth():
+    assert labels_accuracy(["a", "b", "c"], ["a", "b", "x"]) == pytest.approx(2 / 3)
+    assert labels_accuracy(["a", "a"], ["b", "b"]) == 0.0
+    assert labels_accuracy([], []) == 0.0
+
+
+@pytest.mark.parametrize("legacy", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["model-package", "old-code"])
+def test_the_gate_re_scores_a_champion_of_another_manifest_with_its_own_code(
+        champion_store, tmp_path, legacy):
+    """A champion measured on another test manifest is re-measured on this one, in a fresh
+    process, also when the old code logged it; the same model then ties (not promoted)."""
+    from pipeline.jobs.evaluate import champion_scorer
+
+    c = champion_store
+    name = f"rescore-{'legacy' if legacy else 'new'}"
+    source = log_legacy_model(c, tmp_path) if legacy else c.trained.run.model_uri
+    old = registry.register(source, name, {"test_accuracy": "0.999999",
+                                           "test_manifest_sha256": "0" * 64})
+    registry.promote(name, old)
+    challenger = registry.register(c.trained.run.model_uri, name, {})
+    acc = c.evaluated.metrics["test_accuracy"]
+    decision = registry.gate(name, challenger, acc, c.data.test.sha256, 0.0,
+                             champion_scorer(c.data.root, c.data.test.frame, 8))
+    assert decision.champion_test_accuracy == pytest.approx(acc)  # re-measured, not 0.999999
+    assert decision.promoted is False  # a tie: the same weights
+    kept = registry.get_version(name, old).tags[f"test_accuracy.{c.data.test.sha256[:12]}"]
+    assert kept == f"{acc:.6f}"

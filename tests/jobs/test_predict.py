@@ -1,0 +1,59 @@
+"""The predict job: every unlabeled image labelled by the champion, scored against the key."""
+
+import mlflow
+import pytest
+from helpers import tiny_params
+
+from pipeline.handoffs import unlabeled_files
+from pipeline.jobs.predict import predict_and_log
+from pipeline.runs import registry
+from pipeline.runs.registry import RegistryError
+
+
+def test_predict_labels_every_unlabeled_image(champion_store, tmp_path):
+    c = champion_store
+    files = unlabeled_files(c.data.unlabeled)
+    out, metrics = predict_and_log(files, c.data.key, c.params.registry, c.params.predict,
+                                   c.trained.run)
+    assert len(files) == c.params.sample.unlabeled_size
+    assert out["file"].tolist() == [f.name for f in files]
+    assert list(out.columns) == ["file", "label", "confidence", "top5"]
+    assert set(out["label"]) <= set(c.data.classes)
+    assert out["confidence"].between(0, 1).all()
+
+    truth = c.data.key.frame.set_index("file")["label"]
+    expected = float((out["label"] == out["file"].map(truth)).mean())
+    assert metrics == {"accuracy": pytest.approx(expected), "images": len(files),
+                       "model_version": 1}
+
+    run = mlflow.get_run(c.trained.run.run_id)
+    assert run.data.metrics["predict_accuracy"] == pytest.approx(expected)
+    assert run.data.tags["predict_model_version"] == "1"
+    local = mlflow.MlflowClient().download_artifacts(c.trained.run.run_id,
+                                                     "predict/predictions.csv", str(tmp_path))
+    import pandas as pd
+
+    assert pd.read_csv(local)["label"].tolist() == out["label"].tolist()
+
+
+@pytest.mark.slow
+def test_batch_size_changes_nothing_but_speed(champion_store):
+    c = champion_store
+    files = unlabeled_files(c.data.unlabeled)
+    uri = f"models:/{c.name}@champion"
+    one = registry.predict_files(uri, files, batch_size=1)
+    many = registry.predict_files(uri, files, batch_size=64)
+    assert one["label"].tolist() == many["label"].tolist()
+    assert one["confidence"].tolist() == pytest.approx(many["confidence"].tolist(), abs=1e-5)
+
+
+def test_without_champion_nothing_is_logged(champion_store):
+    c = champion_store
+    params = tiny_params(registry={"model_name": "other"})
+    files = unlabeled_files(c.data.unlabeled)
+    args = (files, c.data.key, params.registry, params.predict, c.trained.run)
+    before = mlflow.get_run(c.trained.run.run_id).data
+    with pytest.raises(RegistryError, match="'other' does not exist.*registry is empty"):
+        predict_and_log(*args)
+    after = mlflow.get_run(c.trained.run.run_id).data
+    assert after.tags == before.tags and after.metrics == before.metrics

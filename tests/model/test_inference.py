@@ -1,0 +1,53 @@
+"""Inference: the CPU precision policy, the folded backbone and batch inference from bytes."""
+
+import numpy as np
+import torch
+
+import pipeline.model.inference as inference
+from pipeline.model.inference import Classifier, extract_features, inference_backbone
+from pipeline.model.network import HeadSpec, build_model
+from pipeline.model.presets import eval_transform
+from pipeline.model.weights import build_backbone
+
+
+def test_precision_policy(monkeypatch):
+    monkeypatch.setattr(inference, "bf16_supported", lambda: False)
+    assert inference.resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(inference, "bf16_supported", lambda: True)
+    assert inference.resolve_precision("auto") == "bf16"
+    assert inference.resolve_precision("fp32") == "fp32"
+
+
+def test_folded_backbone_matches_eager_and_leaves_the_original_alone():
+    backbone, _ = build_backbone("resnet50", "none", 0)
+    backbone.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        eager = backbone(x)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    folded = inference_backbone(backbone)
+    feats = extract_features(folded, x, "fp32")
+    torch.testing.assert_close(feats, eager, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    assert not any(p.requires_grad for p in folded.parameters())
+
+
+def test_classifier_on_bytes_and_paths_in_batches(tiny_demo):
+    backbone, _ = build_backbone("resnet50", "none", 0)
+    torch.manual_seed(0)
+    net = build_model("resnet50", 4, HeadSpec(hidden=8), backbone).eval()
+    clf = Classifier(net, 32, "fp32")
+    paths = sorted((tiny_demo / "images").rglob("*.jpg"))[:5]
+    by_path = clf.log_probs([str(p) for p in paths], batch_size=2)
+    by_bytes = clf.log_probs([p.read_bytes() for p in paths], batch_size=5)
+    assert by_path.shape == (5, 4)
+    torch.testing.assert_close(by_path, by_bytes)
+    # the eager network on the eval preset gives the same answer
+    from pipeline.model.imaging import load_image
+
+    x = torch.stack([eval_transform(32)(load_image(p, min_side=32)) for p in paths])
+    with torch.inference_mode():
+        eager = net(x)
+    torch.testing.assert_close(by_path, eager, rtol=1e-3, atol=1e-3)
+    assert np.array_equal(by_path.argmax(1).numpy(), eager.argmax(1).numpy())
+    assert clf.log_probs([]).shape == (0, 4)
