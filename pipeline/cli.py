@@ -21,13 +21,32 @@ from pipeline.errors import USER_ERRORS, PipelineError
 DEFAULT_NAME = "food101-resnet50"
 
 
-def _default_name() -> str:
-    """registry.model_name from ./params.yaml when there is one."""
+def _param(section: str, key: str, default: str) -> str:
+    """A value of ./params.yaml when there is one (the CLI also works outside the project)."""
     try:
         raw = yaml.safe_load(Path("params.yaml").read_text()) or {}
-        return raw.get("registry", {}).get("model_name") or DEFAULT_NAME
+        return str(raw.get(section, {}).get(key) or default)
     except (OSError, yaml.YAMLError, AttributeError):
-        return DEFAULT_NAME
+        return default
+
+
+def _default_name() -> str:
+    """registry.model_name from ./params.yaml when there is one."""
+    return _param("registry", "model_name", DEFAULT_NAME)
+
+
+def _refresh_champion_file(name: str) -> None:
+    """In the project's DVC workspace, rewrite reports/champion.json after the champion
+    moved: ``dvc status`` then shows ``predict`` as changed and ``dvc repro`` re-predicts."""
+    from pipeline.handoffs import CHAMPION
+    from pipeline.runs import registry
+
+    if not Path("dvc.yaml").is_file() or name != _default_name():
+        return
+    ref = registry.champion_ref(name, _param("predict", "model", "champion"))
+    ref.write()
+    print(f"{CHAMPION}: predict.model={ref.ref} is v{ref.version}; `dvc repro` re-runs "
+          "predict")
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -62,6 +81,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
         return
     print(f"{args.name}: champion is now v{out['champion']} "
           f"(previous-champion: {_v(out['previous_champion'])})")
+    _refresh_champion_file(args.name)
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
@@ -70,35 +90,33 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     out = registry.rollback(args.name)
     print(f"{args.name}: rolled back, champion is now v{out['champion']} "
           f"(previous-champion: {_v(out['previous_champion'])})")
+    _refresh_champion_file(args.name)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from pipeline.model.errors import ImageDecodeError
-    from pipeline.model.imaging import load_image
     from pipeline.runs import registry
 
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
         raise PipelineError(f"no such file(s): {', '.join(missing)}")
-    files = []
-    for f in args.files:  # one unreadable file must not hide the others' labels
-        try:
-            load_image(f)
-            files.append(f)
-        except ImageDecodeError as exc:
-            print(f"skipped: {exc}", file=sys.stderr)
-    if not files:
-        raise PipelineError("none of the files is a readable image (jpg, png, webp, ...)")
     uri, _ = registry.resolve(args.name, args.model)
-    preds = registry.predict_files(uri, [Path(f) for f in files])
-    preds.insert(0, "file", files)
+    preds = registry.predict_files(uri, [Path(f) for f in args.files])
+    if "error" not in preds:  # a version logged before models reported unreadable rows
+        preds["error"] = None
+    preds.insert(0, "file", args.files)
+    preds = preds.astype(object).where(preds.notna(), None)
     if args.json:
         print(json.dumps(preds.to_dict(orient="records"), indent=2))
     else:
-        rows = preds.assign(confidence=preds["confidence"].round(4)).to_dict(orient="records")
+        rows = preds.to_dict(orient="records")
         for r in rows:
-            r["top5"] = ", ".join(f"{lab} {p:.2f}" for lab, p in json.loads(r["top5"]))
-        print(_table(rows, ["file", "label", "confidence", "top5"]))
+            if r["label"] is not None:
+                r["confidence"] = round(r["confidence"], 4)
+                r["top5"] = ", ".join(f"{lab} {p:.2f}" for lab, p in json.loads(r["top5"]))
+        columns = ["file", "label", "confidence", "top5"]
+        print(_table(rows, columns + (["error"] if preds["error"].notna().any() else [])))
+    if preds["label"].isna().all():
+        raise PipelineError("none of the files is a readable image (jpg, png, webp, ...)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,7 @@ UNLABELED_DIR = Path("data/unlabeled")
 SAMPLE_REPORT = Path("reports/sample.json")
 RUN_REF = Path("reports/run.json")
 PROMOTION = Path("reports/promotion.json")
+CHAMPION = Path("reports/champion.json")
 PER_CLASS_REPORT = Path("reports/per_class.csv")
 TRAIN_METRICS = Path("metrics/train.json")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
@@ -139,6 +140,7 @@ class SourceInfo(JsonHandoff):
     train_images: int
     test_images: int
     fingerprint: str | None  # (path, size, mtime) hash of an external folder; None for demo
+    ignored_files: int  # files in the source folder that are not images (not indexed)
 
     def image_root(self, info_file: Path = SOURCE_INFO) -> Path:
         root = Path(self.root)
@@ -218,6 +220,21 @@ class Promotion(JsonHandoff):
     promoted: bool
     reason: str
     run_id: str
+
+
+@dataclass(frozen=True)
+class ChampionRef(JsonHandoff):
+    """``reports/champion.json``: the registry version that ``predict.model`` (an alias, by
+    default ``champion``) names right now. Rewritten by the always-changed ``champion``
+    stage and by ``promote``/``rollback``, so that ``predict`` re-runs when it moves."""
+
+    default_path: ClassVar[Path] = CHAMPION
+    written_by: ClassVar[str] = "champion"
+
+    model_name: str
+    ref: str  # what predict.model asked for: an alias or a version number
+    version: str
+    run_id: str  # the run that trained that version
 
 
 # -- CSV hand-offs -------------------------------------------------------------------------

@@ -167,6 +167,18 @@ def head_spec(model_cfg: ModelConfig) -> HeadSpec:
                     feature_norm=model_cfg.feature_norm)
 
 
+def build_network(model_cfg: ModelConfig, num_classes: int, seed: int) -> tuple[FoodNet, str]:
+    """The network to train and a description of its starting weights: the backbone (its
+    weights are loaded first, so a missing file or offline ImageNet stops here, before any
+    run is opened), a fresh head seeded by ``seed``, frozen as ``model.freeze`` says."""
+    backbone, weights_used = build_backbone(model_cfg.arch, model_cfg.weights,
+                                            model_cfg.init_seed)
+    seed_everything(seed)
+    model = build_model(model_cfg.arch, num_classes, head_spec(model_cfg), backbone)
+    apply_freeze(model, model_cfg.freeze)
+    return model, weights_used
+
+
 def train_model(
     root: Path,
     train_df: pd.DataFrame,
@@ -178,13 +190,14 @@ def train_model(
     cache_dir: Path | None,
     on_epoch: EpochCallback | None = None,
     on_step: StepCallback | None = None,
+    network: tuple[FoodNet, str] | None = None,
 ) -> TrainResult:
-    """Build the model from ``model_cfg`` and train it on the manifests."""
+    """Train the network (``network`` from :func:`build_network`, built here when None) on
+    the manifests."""
     precision = resolve_precision(train_cfg.precision)
-    backbone, weights_used = build_backbone(model_cfg.arch, model_cfg.weights, model_cfg.init_seed)
-    generator = seed_everything(train_cfg.seed)
-    model = build_model(model_cfg.arch, len(classes), head_spec(model_cfg), backbone)
-    apply_freeze(model, model_cfg.freeze)
+    model, weights_used = network or build_network(model_cfg, len(classes), train_cfg.seed)
+    backbone = model.backbone
+    generator = torch.Generator().manual_seed(train_cfg.seed)
     y_train = torch.tensor(train_df["class_index"].to_numpy(), dtype=torch.long)
     y_val = torch.tensor(val_df["class_index"].to_numpy(), dtype=torch.long)
     stats: dict = {}

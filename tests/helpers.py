@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +16,7 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 LEGACY_MODEL = REPO / "tests" / "fixtures" / "legacy_model"
 SHARED_MINI = REPO.parent / "shared" / "datasets" / "food101-mini"
 
@@ -143,3 +146,67 @@ def log_legacy_model(champion, tmp: Path) -> str:
         for name in ("imaging", "modeling"):
             sys.modules.pop(name, None)
     return info.model_uri
+
+
+# -- a tiny copy of the project for real `dvc repro` runs ----------------------------------------
+
+TINY_PROJECT = {
+    "data": {"image_size": 32},
+    "demo": {"classes": 4, "train_per_class": 20, "test_per_class": 10, "min_side": 40,
+             "max_side": 56},
+    "sample": {"size": 60, "test_size": 20, "unlabeled_size": 6},
+    "train": {"epochs": 2, "batch_size": 16, "log_every": 2, "num_workers": 0},
+}
+PROJECT_FILES = ("pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml",
+                 ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+
+
+def sh(cwd: Path, *args: str, env: dict, check: bool = True,
+       timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a command; with ``check``, fail the test with its output when it fails."""
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, (
+            f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def make_project(repo: Path, params: dict | None = None) -> dict:
+    """A git repository at ``repo`` holding this project's code, pipeline and tiny params
+    (``params`` overrides them per section); returns the environment to run it in (the
+    venv's tools first, its own MLflow store and feature cache)."""
+    repo.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        src, dst = REPO / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    import yaml
+
+    values = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, overrides in {**TINY_PROJECT, **(params or {})}.items():
+        values.setdefault(section, {}).update(overrides)
+    (repo / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "FOOD101_FEATURE_CACHE")}
+    env.update(PATH=f"{BIN}:{env['PATH']}", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t", PYTHONPATH=str(repo))
+    sh(repo, "git", "init", "-q", "-b", "main", env=env)
+    sh(repo, "git", "add", "-A", env=env)
+    sh(repo, "git", "commit", "-qm", "tiny", env=env)
+    return env
+
+
+def project_client(repo: Path) -> mlflow.MlflowClient:
+    uri = f"sqlite:///{repo}/mlruns/mlflow.db"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ran_stages(output: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran."""
+    import re
+
+    return set(re.findall(r"Running stage '([^']+)'", output))

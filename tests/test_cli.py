@@ -193,8 +193,13 @@ def test_predict_skips_unreadable_files_and_labels_the_rest(capsys, champion_sto
 
     def fake_predict(uri, paths, batch_size=16):
         calls.append((uri, [str(p) for p in paths]))
-        return pd.DataFrame({"label": ["x", "y"], "confidence": [0.5, 0.25],
-                             "top5": ['[["x", 0.5]]', '[["y", 0.25]]']})
+        n = len(paths)
+        if n == 1:  # only the broken file
+            return pd.DataFrame({"label": [None], "confidence": [None], "top5": [None],
+                                 "error": ["broken.jpg: not a readable image"]})
+        return pd.DataFrame({"label": [None, "x", "y"], "confidence": [None, 0.5, 0.25],
+                             "top5": [None, '[["x", 0.5]]', '[["y", 0.25]]'],
+                             "error": ["broken.jpg: not a readable image", None, None]})
 
     monkeypatch.setattr(registry, "predict_files", fake_predict)
     bad = tmp_path / "broken.jpg"
@@ -202,14 +207,15 @@ def test_predict_skips_unreadable_files_and_labels_the_rest(capsys, champion_sto
     capsys.readouterr()
     assert main(["--name", c.name, "predict", "--json", str(bad), *images]) == 0
     captured = capsys.readouterr()
-    assert "skipped" in captured.err and "broken.jpg" in captured.err
-    assert calls == [(f"models:/{c.name}@champion", images)]  # the readable ones only
+    assert calls == [(f"models:/{c.name}/1", [str(bad), *images])]  # pinned to the version
     records = json.loads(captured.out)
     assert [(r["file"], r["label"], r["confidence"]) for r in records] == [
-        (images[0], "x", 0.5), (images[1], "y", 0.25)]
+        (str(bad), None, None), (images[0], "x", 0.5), (images[1], "y", 0.25)]
+    assert "not a readable image" in records[0]["error"] and records[1]["error"] is None
     assert main(["--name", c.name, "predict", str(bad)]) == 2
-    assert "none of the files is a readable image" in capsys.readouterr().err
-    assert len(calls) == 1
+    captured = capsys.readouterr()
+    assert "none of the files is a readable image" in captured.err
+    assert "broken.jpg" in captured.out  # its row, with the error, is still shown
 
 
 @pytest.mark.slow

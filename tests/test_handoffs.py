@@ -12,6 +12,7 @@ from helpers import REPO
 
 from pipeline import handoffs
 from pipeline.handoffs import (
+    ChampionRef,
     HandoffError,
     Manifest,
     Promotion,
@@ -33,7 +34,8 @@ PROMOTION = Promotion(model_name="m", version="3", test_accuracy=0.5,
 
 
 @pytest.mark.parametrize("obj", [REPORT, PROMOTION, RunRef("r1", "baseline", "models:/m-1"),
-                                 SourceInfo("demo", ".", ("a", "b"), 10, 4, None)])
+                                 ChampionRef("m", "champion", "3", "r1"),
+                                 SourceInfo("demo", ".", ("a", "b"), 10, 4, None, 0)])
 def test_json_round_trip(tmp_path, obj):
     path = obj.write(tmp_path / "x.json")
     assert type(obj).read(path) == obj
@@ -48,7 +50,8 @@ def test_default_paths_are_the_ones_dvc_tracks():
     for path in (handoffs.SOURCE_DIR, handoffs.SAMPLE_MANIFEST, handoffs.TRAIN_MANIFEST,
                  handoffs.VAL_MANIFEST, handoffs.TEST_MANIFEST, handoffs.UNLABELED_KEY,
                  handoffs.UNLABELED_DIR, handoffs.SAMPLE_REPORT, handoffs.RUN_REF,
-                 handoffs.PROMOTION, handoffs.PER_CLASS_REPORT, handoffs.TRAIN_METRICS,
+                 handoffs.PROMOTION, handoffs.CHAMPION, handoffs.PER_CLASS_REPORT,
+                 handoffs.TRAIN_METRICS,
                  handoffs.EVALUATE_METRICS, handoffs.PREDICT_METRICS, handoffs.TRAIN_HISTORY,
                  handoffs.LEARNING_CURVES, handoffs.CONFUSION_CSV, handoffs.CONFUSION_PNG,
                  handoffs.PREDICTIONS):

@@ -90,8 +90,12 @@ def index_food101(root: Path, download: bool = False) -> tuple[Path, pd.DataFram
 
 def index_imagefolder(
     root: Path, test_fraction: float, seed: int
-) -> tuple[Path, pd.DataFrame, list[str]]:
-    """Index ``<root>/<class>/*.{jpg,jpeg,png,webp}`` with a seeded, stratified train/test split."""
+) -> tuple[Path, pd.DataFrame, list[str], int]:
+    """Index ``<root>/<class>/*.{jpg,jpeg,png,webp}`` with a seeded, stratified train/test
+    split; returns the root, the index, the classes and how many non-image files were ignored.
+
+    Every name with an image extension is listed, also a broken link: ``sample`` checks each
+    file it draws and reports the unreadable ones with the reason."""
     from sklearn.model_selection import train_test_split
 
     if not root.is_dir():
@@ -99,11 +103,15 @@ def index_imagefolder(
             f"data.root={root}: not a folder. data.source=imagefolder expects "
             "<root>/<class>/<image>.{jpg,jpeg,png,webp}."
         )
-    rows = []
+    rows, ignored = [], 0
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in sorted(class_dir.iterdir()):
-            if f.is_file() and is_image_file(f):
+            if is_image_file(f) and (f.is_file() or f.is_symlink()):
                 rows.append({"path": f"{class_dir.name}/{f.name}", "label": class_dir.name})
+            elif not f.is_dir():
+                ignored += 1
+    if ignored:
+        log.info("%s: %d file(s) without an image extension ignored", root, ignored)
     df = pd.DataFrame(rows, columns=["path", "label"])
     counts = df["label"].value_counts()
     if len(counts) < 2:
@@ -121,7 +129,7 @@ def index_imagefolder(
     )
     df = pd.concat([train.assign(split="train"), test.assign(split="test")])
     df = df.sort_values(["split", "label", "path"], ignore_index=True)
-    return root, df, sorted(counts.index)
+    return root, df, sorted(counts.index), ignored
 
 
 def fingerprint(root: Path, paths: list[str]) -> str:
@@ -163,11 +171,13 @@ def materialise(data: DataConfig, demo: DemoConfig,
         root, index, classes = index_food101(out_dir)
         root_ref = "."  # relative to out_dir: survives moves and DVC experiment workspaces
         fingerprint_ = None  # DVC hashes the demo photos itself: they are inside out_dir
+        ignored = 0
     else:
+        ignored = 0
         if data.source == "food101":
             root, index, classes = index_food101(resolve_user_path(data.root), data.download)
         else:
-            root, index, classes = index_imagefolder(
+            root, index, classes, ignored = index_imagefolder(
                 resolve_user_path(data.root), data.test_fraction, data.seed
             )
         root_ref = str(root)
@@ -184,6 +194,7 @@ def materialise(data: DataConfig, demo: DemoConfig,
         train_images=int((index["split"] == "train").sum()),
         test_images=int((index["split"] == "test").sum()),
         fingerprint=fingerprint_,
+        ignored_files=ignored,
     )  # no timings: a DVC output must be the same bytes when nothing changed
     log.info(
         "%s source: %d classes, %d train / %d test images listed under %s (%.1f s)",

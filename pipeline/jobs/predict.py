@@ -22,26 +22,40 @@ def predict_and_log(
     predict_cfg: PredictConfig,
     run: RunRef,
 ) -> tuple[pd.DataFrame, dict]:
-    """Predictions (file, label, confidence, top5) and ``accuracy`` against the answer key.
+    """Predictions (file, label, confidence, top5, error) and ``accuracy`` against the key.
 
     The model runs in a fresh process with the code it carries (``registry.predict_files``);
-    ``predict.batch_size`` is its inference batch size.
+    ``predict.batch_size`` is its inference batch size. A metric on a run describes that
+    run's model: ``predict_accuracy`` and the predictions go to the run that trained the
+    version that predicted (this pipeline's run when it is the champion); this run records
+    which version that was (tags ``predict_model_*``).
     """
     name, ref = registry_cfg.model_name, predict_cfg.model
-    uri, version = registry.resolve(name, ref)  # one lookup, a clear error when missing
+    who = registry.champion_ref(name, ref)  # one lookup, a clear error when missing
+    uri = f"models:/{name}/{who.version}"
     preds = registry.predict_files(uri, files, predict_cfg.batch_size)
     out = pd.concat([pd.DataFrame({"file": [f.name for f in files]}),
                      preds.reset_index(drop=True)], axis=1)
     truth = out["file"].map(key.frame.set_index("file")["label"])
+    errors = int(out["error"].notna().sum()) if "error" in out else 0
     metrics = {
         "accuracy": float((out["label"] == truth).mean()) if len(out) else 0.0,
         "images": len(out),
-        "model_version": int(version),
+        "errors": errors,
+        "model_version": int(who.version),
     }
+    tags = {"predict_model_uri": uri, "predict_model_version": who.version,
+            "predict_model_run_id": who.run_id}
     with tracking.resume_run(run.run_id):
-        tracking.log_metrics({"predict_accuracy": metrics["accuracy"]})
-        tracking.set_tags({"predict_model_uri": uri, "predict_model_version": version})
-        tracking.log_text(out.to_csv(index=False), "predict/predictions.csv")
-    log.info("predicted %d images with %s (v%s): accuracy %.4f against the answer key",
-             len(out), uri, version, metrics["accuracy"])
+        tracking.set_tags(tags)
+        if who.run_id == run.run_id:
+            tracking.log_metrics({"predict_accuracy": metrics["accuracy"]})
+            tracking.log_text(out.to_csv(index=False), "predict/predictions.csv")
+    if who.run_id and who.run_id != run.run_id:
+        tracking.log_to_run(who.run_id, {"predict_accuracy": metrics["accuracy"]},
+                            {"predict_pipeline_run_id": run.run_id},
+                            {"predict/predictions.csv": out.to_csv(index=False)})
+    log.info("predicted %d images with %s (v%s, run %s): accuracy %.4f against the answer "
+             "key%s", len(out), name, who.version, who.run_id, metrics["accuracy"],
+             f", {errors} unreadable" if errors else "")
     return out, metrics

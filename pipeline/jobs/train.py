@@ -17,7 +17,7 @@ from pipeline.model.card import ModelCard
 from pipeline.model.presets import Preprocessing
 from pipeline.plots import DPI, learning_curves
 from pipeline.runs import tracking
-from pipeline.training import head_spec, train_model
+from pipeline.training import build_network, head_spec, train_model
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,14 @@ def train_and_log(
     cache_dir: Path | None,
 ) -> TrainOutputs:
     """Train in a new MLflow run: per-epoch metrics with their step, resolved values, the
-    learning curves, the manifests as datasets, and the self-contained model."""
+    learning curves, the manifests as datasets, and the self-contained model.
+
+    What can be checked before work is checked before the run is opened (the weights, the
+    store): a failed check leaves no run behind.
+    """
     train_df, val_df = data.train.frame, data.val.frame
+    network = build_network(model_cfg, len(data.classes), train_cfg.seed)
+    tracking.check_store()
     with tracking.start_run(run) as run_id:
         tracking.log_manifest(data.train, "train", "training")
         tracking.log_manifest(data.val, "val", "val")
@@ -66,7 +72,7 @@ def train_and_log(
 
         result = train_model(data.root, train_df, val_df, list(data.classes), model_cfg,
                              train_cfg, image_size, cache_dir, on_epoch=on_epoch,
-                             on_step=on_step)
+                             on_step=on_step, network=network)
         resolved = {
             "resolved.weights": result.weights_used,
             "resolved.precision": result.precision,
@@ -89,7 +95,8 @@ def train_and_log(
             preprocessing=Preprocessing.for_size(image_size), run_id=run_id,
         )
         examples = [(data.root / p).read_bytes() for p in val_df["path"].head(2)]
-        model_uri = pyfunc.log_model(result.model, card, examples)
+        model_uri = tracking.store_call("log the model", pyfunc.log_model, result.model, card,
+                                        examples)
         log.info("logged model %s", model_uri)
     return TrainOutputs(RunRef(run_id, run.name, model_uri), result.final, history, resolved,
                         curves)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,11 @@ DECODE_ERRORS = (
     ValueError,
     SyntaxError,
     Image.DecompressionBombError,
+    Image.DecompressionBombWarning,  # raised, not warned: see load_image
 )
+# The largest image accepted, in pixels: PIL's own default limit, enforced as a refusal read
+# from the header before anything is decoded (PIL only warns between 1x and 2x of it).
+MAX_PIXELS = 89_478_485
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -62,16 +67,24 @@ def load_image(source: ImageSource, min_side: int | None = None) -> Image.Image:
     ``min_side``: the smallest side the caller will resize to. JPEGs are then decoded at a
     reduced DCT scale (``Image.draft``) that still keeps both sides >= ``min_side`` — several
     times faster on large photos, and identical wherever this function is used.
-    Raises :class:`ImageDecodeError` for anything that is not a complete, readable image.
+    Raises :class:`ImageDecodeError` for anything that is not a complete, readable image,
+    and for images over :data:`MAX_PIXELS` (a decompression bomb: a few KB that decode to
+    gigabytes), refused from the header before decoding.
     """
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
         fh = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
     except OSError as exc:
         raise ImageDecodeError(f"{name}: cannot open ({exc.strerror or exc})") from exc
-    with fh:
+    with fh, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(fh)
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageDecodeError(
+                    f"{name}: {w}x{h} pixels, over the {MAX_PIXELS:,} accepted: refused "
+                    "before decoding (a decompression bomb?)")
             if min_side and img.format == "JPEG":
                 w, h = img.size
                 scale = min_side / min(w, h)
@@ -79,6 +92,8 @@ def load_image(source: ImageSource, min_side: int | None = None) -> Image.Image:
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
+        except ImageDecodeError:
+            raise
         except DECODE_ERRORS as exc:
             raise ImageDecodeError(f"{name}: not a readable image ({exc})") from exc
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.model.errors import ImageDecodeError
 from pipeline.model.imaging import ImageSource, load_image
 from pipeline.model.network import FoodNet
 from pipeline.model.presets import eval_pixels, eval_resize_crop, normalize_batch
@@ -99,11 +100,44 @@ class Classifier:
 
     @torch.inference_mode()
     def log_probs(self, sources: Sequence[ImageSource], batch_size: int = 16) -> torch.Tensor:
-        """[N,C] log-probabilities for images given as bytes or paths, ``batch_size`` at a time."""
+        """[N,C] log-probabilities for images given as bytes or paths, ``batch_size`` at a
+        time; an unreadable image raises :class:`ImageDecodeError`."""
         outs = []
         for i in range(0, len(sources), batch_size):
             pixels = np.stack([self.pixels(s) for s in sources[i : i + batch_size]])
-            feats = extract_features(self.backbone, normalize_batch(pixels), self.precision)
-            outs.append(self.net.head(feats))
-        num_classes = self.net.head[-2].out_features
-        return torch.cat(outs) if outs else torch.zeros((0, num_classes))
+            outs.append(self._forward(pixels))
+        return torch.cat(outs) if outs else torch.zeros((0, self.num_classes))
+
+    @torch.inference_mode()
+    def log_probs_or_errors(
+        self, sources: Sequence[ImageSource | None], batch_size: int = 16
+    ) -> tuple[torch.Tensor, list[str | None]]:
+        """Like :meth:`log_probs`, but an unreadable image (or a missing one: None) gives an
+        error message in its row instead of stopping the batch; its log-probabilities are NaN.
+
+        Decoding runs ahead of the network one batch at a time, so memory stays bounded.
+        """
+        out = torch.full((len(sources), self.num_classes), float("nan"))
+        errors: list[str | None] = [None] * len(sources)
+        for start in range(0, len(sources), batch_size):
+            rows, pixels = [], []
+            for i in range(start, min(start + batch_size, len(sources))):
+                if sources[i] is None:
+                    errors[i] = "no image: give bytes in column 'image' or a file in 'path'"
+                    continue
+                try:
+                    pixels.append(self.pixels(sources[i]))
+                    rows.append(i)
+                except ImageDecodeError as exc:
+                    errors[i] = str(exc)
+            if rows:
+                out[rows] = self._forward(np.stack(pixels))
+        return out, errors
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.head[-2].out_features
+
+    def _forward(self, pixels: np.ndarray) -> torch.Tensor:
+        feats = extract_features(self.backbone, normalize_batch(pixels), self.precision)
+        return self.net.head(feats)

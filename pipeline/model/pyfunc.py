@@ -1,4 +1,5 @@
-"""The logged model as MLflow sees it: raw images in, label, confidence and top-5 out.
+"""The logged model as MLflow sees it: raw images in, label, confidence and top-5 out (and an
+``error`` per row: an unreadable image gets a message and no label; the others are labelled).
 
 MLflow loads this file as the model ("models from code"); the package it imports travels with
 the model under its own name (``code/pipeline/__init__.py`` + ``code/pipeline/model/``), so a
@@ -42,11 +43,12 @@ PACKAGE = Path(__file__).resolve().parent  # pipeline/model/
 
 
 def _sources(df: pd.DataFrame) -> list:
-    """Per row: the bytes in ``image`` when present, else the file path in ``path``."""
+    """Per row: the bytes in ``image`` when present, else the file path in ``path``, else
+    None (that row gets an error)."""
     images = df["image"] if "image" in df else pd.Series([None] * len(df), index=df.index)
     paths = df["path"] if "path" in df else pd.Series([None] * len(df), index=df.index)
     out = []
-    for i, (img, path) in enumerate(zip(images, paths, strict=True)):
+    for img, path in zip(images, paths, strict=True):
         if isinstance(img, (bytes, bytearray)) and len(img):
             out.append(bytes(img))
         elif isinstance(img, str) and img:
@@ -54,7 +56,7 @@ def _sources(df: pd.DataFrame) -> list:
         elif isinstance(path, str) and path:
             out.append(path)
         else:
-            raise ValueError(f"row {i}: give image bytes in column 'image' or a file in 'path'")
+            out.append(None)
     return out
 
 
@@ -73,20 +75,22 @@ class FoodClassifier(PythonModel):
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         batch_size = int((params or {}).get("batch_size") or DEFAULT_BATCH_SIZE)
-        probs = self.classifier.log_probs(_sources(df), batch_size).exp().numpy()
+        log_probs, errors = self.classifier.log_probs_or_errors(_sources(df), batch_size)
+        probs = log_probs.exp().numpy()
         classes = self.card.classes
         k = min(TOP_K, len(classes))
-        top = np.argsort(-probs, axis=1)[:, :k]
-        return pd.DataFrame(
-            {
-                "label": [classes[row[0]] for row in top],
-                "confidence": [float(probs[i, row[0]]) for i, row in enumerate(top)],
-                "top5": [
-                    json.dumps([[classes[j], round(float(probs[i, j]), 6)] for j in row])
-                    for i, row in enumerate(top)
-                ],
-            }
-        )
+        rows = []
+        for i, error in enumerate(errors):
+            if error is not None:
+                rows.append((None, None, None, error))
+                continue
+            top = np.argsort(-probs[i])[:k]
+            rows.append((classes[top[0]], float(probs[i, top[0]]),
+                         json.dumps([[classes[j], round(float(probs[i, j]), 6)] for j in top]),
+                         None))
+        # object columns: an unreadable row is null (JSON null), not NaN
+        return pd.DataFrame(rows, columns=["label", "confidence", "top5", "error"],
+                            dtype=object)
 
 
 def signature() -> ModelSignature:
@@ -97,7 +101,10 @@ def signature() -> ModelSignature:
             [ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]
         ),
         outputs=Schema(
-            [ColSpec("string", "label"), ColSpec("double", "confidence"), ColSpec("string", "top5")]
+            [ColSpec("string", "label", required=False),
+             ColSpec("double", "confidence", required=False),
+             ColSpec("string", "top5", required=False),
+             ColSpec("string", "error", required=False)]
         ),
         params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE)]),
     )

@@ -27,8 +27,9 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline import signals
 from pipeline.errors import PipelineError
-from pipeline.handoffs import Promotion
+from pipeline.handoffs import ChampionRef, Promotion
 from pipeline.runs import tracking
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,7 @@ class RegistryError(PipelineError):
 
 
 def client() -> MlflowClient:
-    uri = tracking.configure()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return tracking.client()
 
 
 @contextlib.contextmanager
@@ -77,41 +77,50 @@ def _no_model(name: str) -> RegistryError:
 
 
 def _get_model(c: MlflowClient, name: str):
+    """The registered model; only RESOURCE_DOES_NOT_EXIST means it is not there."""
     try:
-        return c.get_registered_model(name)
+        return tracking.store_call(f"read registered model {name!r}", c.get_registered_model,
+                                   name, allow=(tracking.MISSING,))
     except MlflowException as exc:
         raise _no_model(name) from exc
 
 
+def _aliases(model) -> dict[str, str]:
+    return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+
+
 def alias_version(name: str, alias: str, c: MlflowClient | None = None):
-    """The ModelVersion behind ``alias``, or None when the alias is not set."""
+    """The ModelVersion behind ``alias``, or None when the alias is not set (that is: absent
+    from the model's alias list; any store error is raised, never read as "not set")."""
     c = c or client()
-    _get_model(c, name)
-    try:
-        return c.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    version = _aliases(_get_model(c, name)).get(alias)
+    return None if version is None else get_version(name, version, c)
 
 
 def get_version(name: str, version: str | int, c: MlflowClient | None = None):
     c = c or client()
     _get_model(c, name)
     try:
-        return c.get_model_version(name, str(version))
+        return tracking.store_call(f"read version {version} of {name!r}", c.get_model_version,
+                                   name, str(version), allow=(tracking.MISSING,))
     except MlflowException as exc:
-        known = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
         raise RegistryError(
-            f"{name!r} has no version {version}; versions: {known or 'none'}"
+            f"{name!r} has no version {version}; versions: {_versions(c, name) or 'none'}"
         ) from exc
 
 
-def resolve(name: str, ref: str) -> tuple[str, str]:
-    """(``models:/name@alias`` or ``models:/name/version``, the version it points at now),
-    checked to exist, with an error that says how to fix it."""
-    c = client()
+def _versions(c: MlflowClient, name: str) -> list[int]:
+    found = tracking.store_call(f"list the versions of {name!r}", c.search_model_versions,
+                                f"name='{name}'")
+    return sorted(int(v.version) for v in found)
+
+
+def lookup(name: str, ref: str, c: MlflowClient | None = None):
+    """The ModelVersion that an alias or a version number names now; a RegistryError that
+    says how to fix it when there is none."""
+    c = c or client()
     if str(ref).isdigit():
-        mv = get_version(name, ref, c)
-        return f"models:/{name}/{mv.version}", str(mv.version)
+        return get_version(name, ref, c)
     mv = alias_version(name, ref, c)
     if mv is None:
         hint = (
@@ -121,7 +130,14 @@ def resolve(name: str, ref: str) -> tuple[str, str]:
             else "Set it with `python -m pipeline promote <version>`."
         )
         raise RegistryError(f"{name!r} has no version with alias '{ref}'. {hint}")
-    return f"models:/{name}@{ref}", str(mv.version)
+    return mv
+
+
+def resolve(name: str, ref: str) -> tuple[str, str]:
+    """(``models:/name/<version>``, that version) for an alias or a version number. The URI
+    is pinned to the version the alias points at now, so what runs is what gets recorded."""
+    mv = lookup(name, ref)
+    return f"models:/{name}/{mv.version}", str(mv.version)
 
 
 def model_uri(name: str, ref: str) -> str:
@@ -135,21 +151,49 @@ def resolved_version(name: str, ref: str) -> str:
 
 
 def register(model_uri_: str, name: str, tags: dict) -> str:
-    """A new version of ``name`` from a logged model, tagged; returns the version number."""
+    """A version of ``name`` for a logged model, created with its tags in one step (so no
+    version exists without its evaluation), then given the ``challenger`` alias; returns the
+    version number. A version already registered for the same run and model (an evaluate
+    that was killed after registering) is reused."""
     c = client()
-    with contextlib.suppress(MlflowException):  # exists already
-        c.create_registered_model(name, description="Food-101 ResNet50 transfer learning")
-    mv = c.create_model_version(name, model_uri_, run_id=tags.get("run_id"),
-                                tags={k: str(v) for k, v in tags.items()})
-    c.set_registered_model_alias(name, CHALLENGER, mv.version)
+    try:
+        tracking.store_call(f"create registered model {name!r}", c.create_registered_model,
+                            name, description="Food-101 ResNet50 transfer learning",
+                            allow=(tracking.EXISTS,))
+    except MlflowException:
+        pass  # RESOURCE_ALREADY_EXISTS: registered before (or by a concurrent pipeline)
+    tags = {k: str(v) for k, v in tags.items()}
+    run_id = tags.get("run_id")
+    existing = [mv for mv in tracking.store_call(
+        f"look for versions of run {run_id}", c.search_model_versions,
+        f"name='{name}' and run_id='{run_id}'") if mv.source == model_uri_] if run_id else []
+    if existing:
+        mv = min(existing, key=lambda v: int(v.version))
+        for key, value in tags.items():
+            tracking.store_call(f"tag version {mv.version}", c.set_model_version_tag, name,
+                                mv.version, key, value)
+        log.info("%s version %s was registered for this run before: reused", name, mv.version)
+    else:
+        mv = tracking.store_call(f"register a version of {name!r}", c.create_model_version,
+                                 name, model_uri_, run_id=run_id, tags=tags)
+    tracking.store_call(f"set alias {CHALLENGER}", c.set_registered_model_alias, name,
+                        CHALLENGER, mv.version)
     log.info("registered %s version %s (alias %s)", name, mv.version, CHALLENGER)
     return str(mv.version)
 
 
 def _set_champion(c: MlflowClient, name: str, version: str, old) -> None:
     if old is not None and str(old.version) != str(version):
-        c.set_registered_model_alias(name, PREVIOUS, str(old.version))
-    c.set_registered_model_alias(name, CHAMPION, version)
+        tracking.store_call(f"set alias {PREVIOUS}", c.set_registered_model_alias, name,
+                            PREVIOUS, str(old.version))
+    tracking.store_call(f"set alias {CHAMPION}", c.set_registered_model_alias, name, CHAMPION,
+                        version)
+
+
+def _tag_version(c: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        tracking.store_call(f"tag version {version} of {name!r}", c.set_model_version_tag,
+                            name, version, key, value)
 
 
 def gate(
@@ -162,11 +206,13 @@ def gate(
     run_id: str = "",
 ) -> Promotion:
     """Promote ``version`` to champion if there is none, or if its test accuracy beats the
-    champion's **on the same test manifest** by more than ``min_delta``.
+    champion's **on the same test manifest** by more than ``min_delta``; between equal
+    accuracies the lower version wins, whichever was gated first.
 
     When the champion was measured on another manifest, ``evaluate(model_uri)`` re-measures
     it on this one (in a fresh process, with the code that model carries). The whole
-    read-decide-write runs under :func:`promotion_lock`.
+    read-decide-write runs under :func:`promotion_lock`; the decision is recorded on the
+    version before any alias moves, and a stop (SIGTERM, Ctrl-C) waits for both.
     """
     c = client()
     with promotion_lock():
@@ -186,16 +232,21 @@ def gate(
                 log.info("champion v%s was tested on another manifest: re-evaluating it",
                          champ.version)
                 champ_acc = float(evaluate(f"models:/{name}/{champ.version}"))
-                c.set_model_version_tag(name, champ.version, key, f"{champ_acc:.6f}")
+                _tag_version(c, name, str(champ.version), {key: f"{champ_acc:.6f}"})
             # Compare at the 6 decimals that version tags store, so equal scores tie.
-            promoted = round(accuracy, 6) > round(champ_acc + min_delta, 6)
-            verb = "beats" if promoted else "does not beat"
-            reason = (
-                f"test_accuracy {accuracy:.4f} {verb} champion v{champ.version}'s "
-                f"{champ_acc:.4f} + min_delta {min_delta} on the same test manifest"
-            )
-        if promoted:
-            _set_champion(c, name, str(version), champ)
+            mine, theirs = round(accuracy, 6), round(champ_acc + min_delta, 6)
+            tie = round(accuracy, 6) == round(champ_acc, 6)
+            older = int(version) < int(champ.version)
+            promoted = mine > theirs or (tie and older)
+            if promoted and not mine > theirs:
+                reason = (f"test_accuracy {accuracy:.4f} ties champion v{champ.version}'s on "
+                          "the same test manifest: the lower version wins")
+            else:
+                verb = "beats" if promoted else "does not beat"
+                reason = (
+                    f"test_accuracy {accuracy:.4f} {verb} champion v{champ.version}'s "
+                    f"{champ_acc:.4f} + min_delta {min_delta} on the same test manifest"
+                )
         decision = Promotion(
             model_name=name, version=str(version), test_accuracy=accuracy,
             test_manifest_sha256=manifest_sha256, min_delta=min_delta,
@@ -203,9 +254,12 @@ def gate(
             champion_test_accuracy=champ_acc, decided_at=_now(), promoted=promoted,
             reason=reason, run_id=run_id,
         )
-        c.set_model_version_tag(name, str(version), "promotion", "promoted" if promoted
-                                else "rejected")
-        c.set_model_version_tag(name, str(version), "promotion_reason", reason)
+        with signals.deferred():  # the record and the alias move, both or (SIGKILL) record
+            _tag_version(c, name, str(version), {
+                "promotion": "promoted" if promoted else "rejected",
+                "promotion_reason": reason, "promotion_decided_at": decision.decided_at})
+            if promoted:
+                _set_champion(c, name, str(version), champ)
     log.info("%s v%s: %s (%s)", name, version, "PROMOTED" if promoted else "not promoted", reason)
     return decision
 
@@ -221,8 +275,10 @@ def promote(name: str, version: str | int) -> dict:
             return {"model_name": name, "champion": str(mv.version),
                     "previous_champion": str(prev.version) if prev else None,
                     "decided_at": _now(), "unchanged": True}
-        _set_champion(c, name, mv.version, old)
-        c.set_model_version_tag(name, mv.version, "promotion", "promoted by hand")
+        with signals.deferred():
+            _tag_version(c, name, str(mv.version), {"promotion": "promoted by hand",
+                                                    "promotion_decided_at": _now()})
+            _set_champion(c, name, str(mv.version), old)
     return {"model_name": name, "champion": str(mv.version),
             "previous_champion": str(old.version) if old else None, "decided_at": _now()}
 
@@ -238,10 +294,15 @@ def rollback(name: str) -> dict:
                 "needs an earlier champion). `python -m pipeline versions` lists versions."
             )
         cur = alias_version(name, CHAMPION, c)
-        c.set_registered_model_alias(name, CHAMPION, prev.version)
-        if cur is not None and str(cur.version) != str(prev.version):
-            c.set_registered_model_alias(name, PREVIOUS, cur.version)
-            c.set_model_version_tag(name, cur.version, "promotion", "rolled back")
+        with signals.deferred():
+            if cur is not None and str(cur.version) != str(prev.version):
+                _tag_version(c, name, str(cur.version), {"promotion": "rolled back",
+                                                         "promotion_decided_at": _now()})
+            tracking.store_call(f"set alias {CHAMPION}", c.set_registered_model_alias, name,
+                                CHAMPION, prev.version)
+            if cur is not None and str(cur.version) != str(prev.version):
+                tracking.store_call(f"set alias {PREVIOUS}", c.set_registered_model_alias,
+                                    name, PREVIOUS, cur.version)
     return {"model_name": name, "champion": str(prev.version),
             "previous_champion": str(cur.version) if cur else None, "decided_at": _now()}
 
@@ -249,13 +310,14 @@ def rollback(name: str) -> dict:
 def list_versions(name: str) -> list[dict]:
     """Every version, newest first, with aliases and recorded metrics."""
     c = client()
-    model = _get_model(c, name)
     # search_model_versions() on a SQLite store returns versions without their aliases.
     by_version: dict[str, list[str]] = {}
-    for alias, ver in (model.aliases or {}).items():
-        by_version.setdefault(str(ver), []).append(alias)
+    for alias, ver in _aliases(_get_model(c, name)).items():
+        by_version.setdefault(ver, []).append(alias)
     rows = []
-    for mv in c.search_model_versions(f"name='{name}'"):
+    found = tracking.store_call(f"list the versions of {name!r}", c.search_model_versions,
+                                f"name='{name}'")
+    for mv in found:
         rows.append({
             "version": int(mv.version),
             "aliases": sorted(by_version.get(str(mv.version), [])),
@@ -324,3 +386,10 @@ def predict_files(model_uri: str, paths: Sequence[Path], batch_size: int = 16) -
                 f"(exit {proc.returncode}):\n{tail}"
             )
         return pd.DataFrame(json.loads(out.read_text()))
+
+
+def champion_ref(name: str, ref: str) -> ChampionRef:
+    """The version (and its training run) that ``ref`` names now, for ``reports/champion.json``."""
+    mv = lookup(name, ref)
+    return ChampionRef(model_name=name, ref=str(ref), version=str(mv.version),
+                       run_id=mv.run_id or "")

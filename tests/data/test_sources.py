@@ -33,10 +33,11 @@ def test_imagefolder_is_split_by_seed(tmp_path):
         for i in range(8):
             Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / c / f"{i}.png")
     (tmp_path / "cats" / "readme.txt").write_text("not an image")
-    _, a, classes = index_imagefolder(tmp_path, 0.25, seed=1)
-    _, b, _ = index_imagefolder(tmp_path, 0.25, seed=1)
-    _, c, _ = index_imagefolder(tmp_path, 0.25, seed=2)
+    _, a, classes, ignored = index_imagefolder(tmp_path, 0.25, seed=1)
+    _, b, _, _ = index_imagefolder(tmp_path, 0.25, seed=1)
+    _, c, _, _ = index_imagefolder(tmp_path, 0.25, seed=2)
     assert classes == ["cats", "dogs"] and len(a) == 16
+    assert ignored == 1  # readme.txt: not an image, counted
     assert a.equals(b) and not a.equals(c)
     assert (a.groupby("label")["split"].apply(lambda s: (s == "test").sum()) == 2).all()
     assert not a["path"].str.endswith(".txt").any()

@@ -2,69 +2,31 @@
 git repository (its own MLflow store under mlruns/, its own feature cache)."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
-import yaml
-from helpers import REPO
+from helpers import make_project, project_client, ran_stages, sh
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "sample", "split", "train", "evaluate", "predict")
-BIN = Path(sys.executable).parent
-TINY = {
-    "data": {"image_size": 32},
-    "demo": {"classes": 4, "train_per_class": 20, "test_per_class": 10, "min_side": 40,
-             "max_side": 56},
-    "sample": {"size": 60, "test_size": 20, "unlabeled_size": 6},
-    "train": {"epochs": 2, "batch_size": 16, "log_every": 2, "num_workers": 0},
-}
+STAGES = ("prepare", "sample", "split", "train", "evaluate", "champion", "predict")
 
 
 def _sh(cwd, *args, env):
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = sh(cwd, *args, env=env)
     return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     repo = tmp_path_factory.mktemp("e2e") / "repo"
-    repo.mkdir()
-    for name in ("pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml",
-                 ".gitignore", ".dvcignore"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy(src, repo / name)
-    (repo / ".dvc").mkdir()
-    shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
-    shutil.copy(REPO / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "FOOD101_FEATURE_CACHE")}
-    env.update(PATH=f"{BIN}:{env['PATH']}", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t", PYTHONPATH=str(repo))
-    _sh(repo, "git", "init", "-q", "-b", "main", env=env)
-    _sh(repo, "git", "add", "-A", env=env)
-    _sh(repo, "git", "commit", "-qm", "tiny", env=env)
+    env = make_project(repo)
     first = _sh(repo, "dvc", "repro", env=env)
     return repo, env, first
 
 
 def _client(repo):
-    uri = f"sqlite:///{repo}/mlruns/mlflow.db"
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return project_client(repo)
 
 
 def _champion(repo):
@@ -74,7 +36,7 @@ def _champion(repo):
 
 def test_repro_runs_all_stages_and_ends_with_a_champion(project):
     repo, env, first = project
-    assert _ran(first) == set(STAGES)
+    assert ran_stages(first) == set(STAGES)
     assert (repo / "mlruns" / "mlflow.db").is_file()
     preds = pd.read_csv(repo / "predictions" / "predictions.csv")
     assert len(preds) == 6 and list(preds.columns) == ["file", "label", "confidence", "top5"]
@@ -93,15 +55,14 @@ def test_repro_runs_all_stages_and_ends_with_a_champion(project):
     assert {"val_accuracy", "test_accuracy", "predict_accuracy"} <= set(run.data.metrics)
 
 
-def test_second_repro_runs_nothing(project):
+def test_second_repro_runs_only_the_champion_lookup(project):
     repo, env, _ = project
+    before = (repo / "reports" / "champion.json").read_bytes()
     out = _sh(repo, "dvc", "repro", env=env)
-    assert "Running stage" not in out
-    assert "up to date" in _sh(repo, "dvc", "status", env=env)
-
-
-def _ran(out: str) -> set[str]:
-    return {s for s in STAGES if f"Running stage '{s}'" in out}
+    assert ran_stages(out) == {"champion"}  # always changed: it re-reads the registry
+    assert (repo / "reports" / "champion.json").read_bytes() == before
+    status = _sh(repo, "dvc", "status", env=env)
+    assert "predict" not in status and "train" not in status
 
 
 def test_head_change_reruns_train_evaluate_predict_only(project):
@@ -109,7 +70,7 @@ def test_head_change_reruns_train_evaluate_predict_only(project):
     client = _client(repo)
     v1_acc = float(client.get_model_version("food101-resnet50", "1").tags["test_accuracy"])
     out = _sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.01", env=env)
-    assert _ran(out) == {"train", "evaluate", "predict"}
+    assert ran_stages(out) == {"train", "evaluate", "champion", "predict"}
     decision = json.loads((repo / "reports" / "promotion.json").read_text())
     assert decision["version"] == "2"
     v2_acc = json.loads((repo / "metrics" / "evaluate.json").read_text())["test_accuracy"]
@@ -145,7 +106,7 @@ def test_temp_experiment_writes_to_the_same_store(project):
 def test_inference_batch_size_reruns_predict_only(project):
     repo, env, _ = project
     out = _sh(repo, "dvc", "exp", "run", "-S", "predict.batch_size=8", env=env)
-    assert _ran(out) == {"predict"}
+    assert ran_stages(out) == {"champion", "predict"}
 
 
 def test_sample_size_experiment(project):

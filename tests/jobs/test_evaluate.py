@@ -69,8 +69,8 @@ def test_labels_accuracy_compares_with_the_truth():
     assert labels_accuracy([], []) == 0.0
 
 
-@pytest.mark.parametrize("legacy", [pytest.param(False, marks=pytest.mark.slow), True],
-                         ids=["model-package", "old-code"])
+@pytest.mark.slow  # a fresh process per champion scored (the predict job's test has one too)
+@pytest.mark.parametrize("legacy", [False, True], ids=["model-package", "old-code"])
 def test_the_gate_re_scores_a_champion_of_another_manifest_with_its_own_code(
         champion_store, tmp_path, legacy):
     """A champion measured on another test manifest is re-measured on this one, in a fresh

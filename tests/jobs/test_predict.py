@@ -17,14 +17,15 @@ def test_predict_labels_every_unlabeled_image(champion_store, tmp_path):
                                    c.trained.run)
     assert len(files) == c.params.sample.unlabeled_size
     assert out["file"].tolist() == [f.name for f in files]
-    assert list(out.columns) == ["file", "label", "confidence", "top5"]
+    assert list(out.columns) == ["file", "label", "confidence", "top5", "error"]
+    assert out["error"].isna().all()
     assert set(out["label"]) <= set(c.data.classes)
     assert out["confidence"].between(0, 1).all()
 
     truth = c.data.key.frame.set_index("file")["label"]
     expected = float((out["label"] == out["file"].map(truth)).mean())
     assert metrics == {"accuracy": pytest.approx(expected), "images": len(files),
-                       "model_version": 1}
+                       "errors": 0, "model_version": 1}
 
     run = mlflow.get_run(c.trained.run.run_id)
     assert run.data.metrics["predict_accuracy"] == pytest.approx(expected)

@@ -76,7 +76,8 @@ def test_a_fresh_isolated_process_predicts_what_the_evaluation_did(champion_stor
     """`python -I` outside the repository: the labels of the pipeline's own evaluation."""
     c = champion_store
     out = _consume(f"models:/{c.name}@champion", _test_paths(c), tmp_path, env, isolated=True)
-    assert out["columns"] == ["label", "confidence", "top5"]
+    assert out["columns"] == ["label", "confidence", "top5", "error"]
+    assert out["bytes"]["error"] == [None] * len(out["bytes"]["label"])
     evaluated = c.evaluated.confusion["predicted"].tolist()
     assert out["bytes"]["label"] == evaluated
     assert out["path"]["label"] == evaluated
@@ -141,9 +142,16 @@ def test_input_forms_params_and_errors(champion_store):
     mixed = model.predict(pd.DataFrame({"image": [data[0], None, data[2]],
                                         "path": ["/nonexistent.jpg", paths[1], None]}))
     assert by_bytes["label"].tolist() == by_path["label"].tolist() == mixed["label"].tolist()
-    np.testing.assert_allclose(mixed["confidence"], by_bytes["confidence"], atol=1e-6)
-    with pytest.raises(ValueError, match="give image bytes in column 'image' or a file"):
-        model.predict(pd.DataFrame({"image": [None], "path": [None]}))
+    np.testing.assert_allclose(mixed["confidence"].astype(float),
+                               by_bytes["confidence"].astype(float), atol=1e-6)
+    # a row without an image, or with an unreadable one, gets an error and no label; the
+    # other rows are still labelled
+    odd = model.predict(pd.DataFrame({"image": [None, b"not an image", data[1]],
+                                      "path": [None, None, None]}))
+    assert odd["label"].tolist()[:2] == [None, None]
+    assert odd["label"].tolist()[2] == by_bytes["label"].tolist()[1]
+    assert "give bytes in column 'image'" in odd["error"][0]
+    assert "not a readable image" in odd["error"][1] and odd["error"][2] is None
 
 
 def test_signature_input_example_and_requirements(champion_store):

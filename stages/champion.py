@@ -1,0 +1,20 @@
+"""Stage ``champion`` (always runs, in seconds): which registry version ``predict.model``
+names right now.
+
+Input: ``reports/promotion.json`` (so it runs after ``evaluate``). Params:
+``registry.model_name``, ``predict.model``. Output: ``reports/champion.json`` (version and
+run). ``predict`` depends on it: a champion moved anywhere (``promote``, ``rollback``, another
+machine, the MLflow UI) makes ``predict`` re-run; an unchanged one rewrites the same bytes.
+"""
+
+from pipeline.config import Params
+from pipeline.runs.registry import champion_ref
+from stages.common import run_stage
+
+
+def main(params: Params) -> None:
+    champion_ref(params.registry.model_name, params.predict.model).write()
+
+
+if __name__ == "__main__":
+    run_stage(main)
