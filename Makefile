@@ -8,11 +8,11 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := true
 
-.PHONY: venv run test test-fast lint ui plots bench clean-venv
+.PHONY: venv run test test-fast lint ui plots bench clean-venv server server-stop remote
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,team]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -48,3 +48,21 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The team setup (README "Team mode"): PostgreSQL + `mlflow server` with proxied artifacts,
+# in the background, data in $(TEAM_DIR) (git-ignored, survives restarts). AUTH=1: MLflow's
+# basic-auth app. HOST=0.0.0.0 to serve other machines (with AUTH=1).
+TEAM_DIR    ?= .team
+SERVER_PORT ?= 5005
+HOST        ?= 127.0.0.1
+server: $(STAMP)
+	$(PY) -m pipeline.team start --data $(TEAM_DIR) --host $(HOST) --port $(SERVER_PORT) \
+	  $(if $(filter 1 yes true,$(AUTH)),--auth)
+
+server-stop: $(STAMP)
+	$(PY) -m pipeline.team stop --data $(TEAM_DIR)
+
+# This clone's default DVC remote (.dvc/config.local): a folder outside the repository.
+DIR ?= $(abspath $(CURDIR)/..)/food101-dvc-remote
+remote: $(STAMP)
+	$(PY) -m pipeline.team remote $(DIR)

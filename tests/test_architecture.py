@@ -44,6 +44,7 @@ LAYERS = {
     "pipeline.jobs.evaluate": 13,
     "pipeline.jobs.predict": 13,
     "pipeline.cli": 14,
+    "pipeline.team": 14,
     "pipeline.__main__": 15,
 }
 PACKAGES = {"pipeline", "pipeline.model", "pipeline.data", "pipeline.runs", "pipeline.jobs"}

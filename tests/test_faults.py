@@ -570,3 +570,22 @@ def test_real_photos_with_one_bad_file_of_each_kind(tmp_path):
     assert train & bad <= set(skipped) <= bad and all(skipped.values())
     assert train & odd <= set(sample["path"])
     assert (repo / "predictions" / "predictions.csv").is_file()
+
+
+def test_a_concurrent_insert_of_the_same_row_is_retried(mlflow_store, monkeypatch):
+    """Two clones logging the same manifest at once on a PostgreSQL server: the loser's
+    insert violates the unique key (BAD_REQUEST); run again, it links to the row."""
+    calls = []
+
+    def conflict_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException('(psycopg.errors.UniqueViolation) duplicate key value '
+                                  'violates unique constraint "dataset_pk"',
+                                  error_code=databricks_pb2.BAD_REQUEST)
+        return "linked"
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    assert tracking.store_call("log dataset train", conflict_once) == "linked"
+    with pytest.raises(StoreError, match="BAD_REQUEST"):
+        tracking.store_call("log params", _fail("BAD_REQUEST", "a value is too long"))

@@ -17,9 +17,13 @@ import fcntl
 import json
 import logging
 import os
+import random
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import signals
 from pipeline.errors import PipelineError
 from pipeline.handoffs import ChampionRef, Promotion
+from pipeline.paths import project_root
 from pipeline.runs import tracking
 
 log = logging.getLogger(__name__)
@@ -48,20 +53,119 @@ def client() -> MlflowClient:
 
 
 @contextlib.contextmanager
-def promotion_lock() -> Iterator[None]:
-    """Serialise read-decide-write of aliases between pipelines on this machine.
+def promotion_lock(name: str) -> Iterator[None]:
+    """Serialise read-decide-write of ``name``'s aliases between every pipeline that shares
+    the store.
 
-    MLflow has no compare-and-set for aliases; an exclusive ``flock`` on a file beside the
-    store makes the gate atomic for every process sharing this project's ``mlruns/``.
+    MLflow has no compare-and-set for aliases. On one machine an exclusive ``flock`` on a
+    local file does it (and is all a local SQLite store needs). A store on a server is
+    shared by machines that share no file: there the holder also creates the registered
+    model ``<name>.promotion-lock`` — a create is atomic on the server, so exactly one
+    pipeline holds it — and deletes it when done (:func:`server_lock`).
     """
     lock = lock_path()
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            if tracking.is_local_store():
+                yield
+            else:
+                with server_lock(name):
+                    yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_TTL_SECONDS = 600.0  # a holder that has not released by then is taken for dead
+LOCK_WAIT_SECONDS = 1200.0  # how long a gate waits for the lock before it gives up
+
+
+@contextlib.contextmanager
+def server_lock(name: str) -> Iterator[None]:
+    """The promotion lock on the server: the registered model ``<name>.promotion-lock``,
+    created with the holder's token, host and expiry as tags (one atomic request), deleted
+    on release. A lock past its expiry is broken by exactly one waiter (see
+    :func:`_break_if_expired`)."""
+    c = client()
+    lock = f"{name}{LOCK_SUFFIX}"
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    delay = 0.2
+    while True:
+        tags = {"token": token, "holder": f"{socket.gethostname()}:{os.getpid()}",
+                "expires_at": f"{time.time() + LOCK_TTL_SECONDS:.3f}"}
+        try:
+            tracking.store_call(
+                f"take the promotion lock {lock!r}", c.create_registered_model, lock,
+                tags=tags, description="Held while a pipeline decides the champion of "
+                f"{name!r}; deleted when it is done.", allow=(tracking.EXISTS,))
+            break
+        except MlflowException:  # RESOURCE_ALREADY_EXISTS: another pipeline holds it
+            holder = _break_if_expired(c, lock)
+            if time.monotonic() > deadline:
+                raise RegistryError(
+                    f"the promotion lock {lock!r} on {tracking.display_uri()} is still held "
+                    f"({holder}) after {LOCK_WAIT_SECONDS:.0f} s. If that pipeline is gone, "
+                    f"delete the registered model {lock!r} (MLflow UI or API)."
+                ) from None
+            time.sleep(delay + random.uniform(0, delay))
+            delay = min(delay * 1.5, 2.0)
+    try:
+        yield
+    finally:
+        current = _lock_tags(c, lock)
+        if current is not None and current.get("token") == token:
+            tracking.store_call(f"release the promotion lock {lock!r}",
+                                c.delete_registered_model, lock, allow=(tracking.MISSING,))
+        else:
+            log.warning("the promotion lock %s was no longer ours at release (broken as "
+                        "expired?)", lock)
+
+
+def _lock_tags(c: MlflowClient, lock: str) -> dict[str, str] | None:
+    try:
+        model = tracking.store_call(f"read the promotion lock {lock!r}",
+                                    c.get_registered_model, lock, allow=(tracking.MISSING,))
+    except MlflowException:
+        return None  # released meanwhile
+    return dict(model.tags or {})
+
+
+def _break_if_expired(c: MlflowClient, lock: str) -> str:
+    """Delete ``lock`` if its holder's expiry has passed; returns who holds it, for messages.
+
+    Exactly one waiter breaks a given holder's lock: it must first create the registered
+    model ``<lock>.break-<holder token>`` (atomic, like the lock); so a lock that another
+    waiter broke and a third one took since is never deleted by mistake.
+    """
+    tags = _lock_tags(c, lock)
+    if tags is None:
+        return "released"
+    holder = f"held by {tags.get('holder', '?')}"
+    try:
+        expires = float(tags.get("expires_at", "inf"))
+    except ValueError:
+        expires = float("inf")
+    if time.time() < expires:
+        return holder
+    marker = f"{lock}.break-{tags.get('token', 'none')}"
+    try:
+        tracking.store_call(f"claim breaking {lock!r}", c.create_registered_model, marker,
+                            allow=(tracking.EXISTS,))
+    except MlflowException:
+        return holder + ", being broken"
+    try:
+        again = _lock_tags(c, lock)
+        if again is not None and again.get("token") == tags.get("token"):
+            log.warning("breaking the promotion lock %s: %s, expired", lock, holder)
+            tracking.store_call(f"break the promotion lock {lock!r}",
+                                c.delete_registered_model, lock, allow=(tracking.MISSING,))
+    finally:
+        tracking.store_call(f"remove {marker!r}", c.delete_registered_model, marker,
+                            allow=(tracking.MISSING,))
+    return holder + ", broken"
 
 
 def _now() -> str:
@@ -70,7 +174,7 @@ def _now() -> str:
 
 def _no_model(name: str) -> RegistryError:
     return RegistryError(
-        f"registered model {name!r} does not exist in {tracking.tracking_uri()}: the registry "
+        f"registered model {name!r} does not exist in {tracking.display_uri()}: the registry "
         "is empty. Run the pipeline (`make run` or `dvc repro`) to train, evaluate and "
         "register a first version."
     )
@@ -174,8 +278,12 @@ def register(model_uri_: str, name: str, tags: dict) -> str:
                                 mv.version, key, value)
         log.info("%s version %s was registered for this run before: reused", name, mv.version)
     else:
+        # A logged model (models:/m-...) is registered with its id, as mlflow.register_model
+        # does: an MLflow server refuses the source without it.
+        model_id = model_uri_.removeprefix("models:/") if model_uri_.startswith(
+            "models:/m-") else None
         mv = tracking.store_call(f"register a version of {name!r}", c.create_model_version,
-                                 name, model_uri_, run_id=run_id, tags=tags)
+                                 name, model_uri_, run_id=run_id, tags=tags, model_id=model_id)
     tracking.store_call(f"set alias {CHALLENGER}", c.set_registered_model_alias, name,
                         CHALLENGER, mv.version)
     log.info("registered %s version %s (alias %s)", name, mv.version, CHALLENGER)
@@ -215,7 +323,7 @@ def gate(
     version before any alias moves, and a stop (SIGTERM, Ctrl-C) waits for both.
     """
     c = client()
-    with promotion_lock():
+    with promotion_lock(name):
         champ = alias_version(name, CHAMPION, c)
         champ_acc = None
         if champ is None:
@@ -247,6 +355,7 @@ def gate(
                     f"test_accuracy {accuracy:.4f} {verb} champion v{champ.version}'s "
                     f"{champ_acc:.4f} + min_delta {min_delta} on the same test manifest"
                 )
+        _test_pause()
         decision = Promotion(
             model_name=name, version=str(version), test_accuracy=accuracy,
             test_manifest_sha256=manifest_sha256, min_delta=min_delta,
@@ -264,11 +373,19 @@ def gate(
     return decision
 
 
+def _test_pause() -> None:
+    """For tests of concurrent gates only: a pause between reading the champion and writing
+    the decision, so that gates started together really overlap."""
+    pause = os.environ.get("FOOD101_TEST_GATE_PAUSE")
+    if pause:
+        time.sleep(float(pause))
+
+
 def promote(name: str, version: str | int) -> dict:
     """Make ``version`` the champion by hand; the old one becomes previous-champion."""
     c = client()
     mv = get_version(name, version, c)
-    with promotion_lock():
+    with promotion_lock(name):
         old = alias_version(name, CHAMPION, c)
         if old is not None and str(old.version) == str(mv.version):
             prev = alias_version(name, PREVIOUS, c)
@@ -286,7 +403,7 @@ def promote(name: str, version: str | int) -> dict:
 def rollback(name: str) -> dict:
     """Give ``champion`` back to ``previous-champion``; the two swap places."""
     c = client()
-    with promotion_lock():
+    with promotion_lock(name):
         prev = alias_version(name, PREVIOUS, c)
         if prev is None:
             raise RegistryError(
@@ -332,11 +449,12 @@ def list_versions(name: str) -> list[dict]:
 
 
 def lock_path() -> Path:
-    """Beside the SQLite file of a local store; under the project's mlruns/ otherwise."""
+    """Beside the SQLite file of a local store; for a store on a server, the project's
+    ``.cache/`` (nothing is written under ``mlruns/`` then)."""
     uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///"):
+    if tracking.is_local_store(uri):
         return Path(uri.removeprefix("sqlite:///")).parent / "registry.lock"
-    return tracking.store_dir() / "registry.lock"
+    return project_root() / ".cache" / "registry.lock"
 
 
 # -- running a registered model ------------------------------------------------------------
@@ -382,7 +500,8 @@ def predict_files(model_uri: str, paths: Sequence[Path], batch_size: int = 16) -
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
             raise RegistryError(
-                f"running {model_uri} (from {store}) in a fresh process failed "
+                f"running {model_uri} (from {tracking.display_uri(store)}) in a fresh "
+                f"process failed "
                 f"(exit {proc.returncode}):\n{tail}"
             )
         return pd.DataFrame(json.loads(out.read_text()))

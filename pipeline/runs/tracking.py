@@ -77,6 +77,10 @@ T = TypeVar("T")
 MISSING = "RESOURCE_DOES_NOT_EXIST"
 EXISTS = "RESOURCE_ALREADY_EXISTS"
 TRANSIENT = ("TEMPORARILY_UNAVAILABLE",)  # what MLflow's SQL store makes of a busy database
+# Two pipelines inserting the same row at once (the same manifest logged as a dataset by two
+# clones): the loser's transaction is rolled back with a unique-key violation, which MLflow
+# reports as BAD_REQUEST; run again, it finds the row and links to it.
+CONFLICTS = ("duplicate key value violates unique constraint", "UNIQUE constraint failed")
 RETRY_SECONDS = 60.0  # how long a transient SQL-store error is retried before it is an error
 
 
@@ -91,7 +95,8 @@ def store_call(what: str, fn: Callable[..., T], *args: Any, allow: tuple[str, ..
 
     MLflow errors whose code is in ``allow`` are raised as they are, for the caller to read
     (only those: any other failure is a :class:`StoreError`, never mistaken for an absence).
-    Transient errors of a SQL store are retried with backoff for up to :data:`RETRY_SECONDS`.
+    Transient errors of a SQL store (busy, or a concurrent insert of the same row) are retried
+    with backoff for up to :data:`RETRY_SECONDS`.
     """
     deadline = time.monotonic() + RETRY_SECONDS
     delay = 0.25
@@ -102,7 +107,8 @@ def store_call(what: str, fn: Callable[..., T], *args: Any, allow: tuple[str, ..
             code = error_code(exc)
             if code in allow:
                 raise
-            if code in TRANSIENT and time.monotonic() + delay < deadline:
+            conflict = code == "BAD_REQUEST" and any(c in str(exc) for c in CONFLICTS)
+            if (code in TRANSIENT or conflict) and time.monotonic() + delay < deadline:
                 log.warning("MLflow store busy during %s (%s): retrying in %.1f s", what,
                             code, delay)
                 time.sleep(delay)
@@ -117,7 +123,7 @@ def _store_error(what: str, exc: BaseException) -> StoreError:
     detail = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [""])[0][:300]
     code = error_code(exc) or type(exc).__name__
     return StoreError(
-        f"MLflow store {tracking_uri()}: {what} failed ({code}: {detail}). Check that the "
+        f"MLflow store {display_uri()}: {what} failed ({code}: {detail}). Check that the "
         "store is reachable (MLFLOW_TRACKING_URI) and retry; nothing after this step was done."
     )
 
@@ -146,6 +152,23 @@ def tracking_uri() -> str:
     if env:
         return env
     return f"sqlite:///{store_dir() / 'mlflow.db'}"
+
+
+def display_uri(uri: str | None = None) -> str:
+    """The store URI for messages and logs: any ``user:password@`` part removed."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    uri = uri or tracking_uri()
+    parts = urlsplit(uri)
+    if not (parts.username or parts.password):
+        return uri  # as it is (urlunsplit would also drop the empty host of sqlite:////path)
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def is_local_store(uri: str | None = None) -> bool:
+    """A SQLite file on this machine (every process that uses it can share a file lock)."""
+    return (uri or tracking_uri()).startswith("sqlite:///")
 
 
 def configure() -> str:
@@ -363,7 +386,7 @@ def start_run(spec: RunSpec) -> Iterator[str]:
     exp_id = ensure_experiment(spec.experiment)
     reap_killed_runs(exp_id)
     with _owned_run(experiment_id=exp_id, run_name=spec.name, tags=spec.tags) as run_id:
-        log.info("MLflow run %s (%s) in %s", run_id, spec.name, tracking_uri())
+        log.info("MLflow run %s (%s) in %s", run_id, spec.name, display_uri())
         log_params(spec.params)
         yield run_id
 
@@ -376,7 +399,7 @@ def resume_run(run_id: str) -> Iterator[str]:
         run = store_call(f"read run {run_id}", mlflow.get_run, run_id, allow=(MISSING,))
     except MlflowException as exc:
         raise TrackingError(
-            f"MLflow run {run_id} (from reports/run.json) is not in {tracking_uri()}: was "
+            f"MLflow run {run_id} (from reports/run.json) is not in {display_uri()}: was "
             "mlruns/ deleted or MLFLOW_TRACKING_URI changed? Re-run `dvc repro -f train`."
         ) from exc
     reap_killed_runs(run.info.experiment_id)

@@ -39,7 +39,9 @@ def test_repro_runs_all_stages_and_ends_with_a_champion(project):
     assert ran_stages(first) == set(STAGES)
     assert (repo / "mlruns" / "mlflow.db").is_file()
     preds = pd.read_csv(repo / "predictions" / "predictions.csv")
-    assert len(preds) == 6 and list(preds.columns) == ["file", "label", "confidence", "top5"]
+    assert len(preds) == 6
+    assert list(preds.columns) == ["file", "label", "confidence", "top5", "error"]
+    assert preds["error"].isna().all() and preds["label"].notna().all()
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {"test_accuracy", "test_top5_accuracy", "test_macro_f1"}
     assert json.loads((repo / "metrics" / "predict.json").read_text())["model_version"] == 1

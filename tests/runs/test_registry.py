@@ -453,5 +453,19 @@ def test_list_versions_shows_aliases(model_uri):
 
 def test_promotion_lock_lives_beside_the_sqlite_store(store):
     assert registry.lock_path() == Path(store.removeprefix("sqlite:///")).parent / "registry.lock"
-    with registry.promotion_lock():
+    with registry.promotion_lock(NAME):
         assert registry.lock_path().exists()
+
+
+def test_a_server_store_keeps_its_lock_file_out_of_mlruns(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5005")
+    assert registry.lock_path() == tmp_path / ".cache" / "registry.lock"
+
+
+def test_credentials_are_not_shown():
+    from pipeline.runs import tracking
+
+    assert tracking.display_uri("http://ana:s3cret@host:5005/x") == "http://host:5005/x"
+    assert tracking.display_uri("sqlite:////abs/mlruns/mlflow.db") == (
+        "sqlite:////abs/mlruns/mlflow.db")

@@ -1,0 +1,327 @@
+"""Team mode, for real: PostgreSQL + `mlflow server` with proxied artifacts (pipeline.team),
+the pipeline from two clones at once against it, promotion safe across processes that share
+no file, basic auth, and a DVC remote that a fresh clone reproduces from.
+
+Every server runs on free loopback ports in a temporary folder and is stopped at the end,
+also when a test fails. All slow: each one starts services or runs `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+from helpers import free_port, log_echo_model, make_project, ran_stages, sh
+
+from pipeline import team
+
+pytestmark = pytest.mark.slow
+
+NAME = "food101-resnet50"
+PY = sys.executable
+
+
+def _server_processes(data: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(data) in cmd and ("postgres" in cmd or "mlflow" in cmd):
+            found.append(p)
+    return found
+
+
+def _data_folder() -> Path:
+    """A folder PostgreSQL's unprivileged user can reach (pytest's own temporary folders are
+    private to root, mode 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="food101-team-"))
+    folder.chmod(0o755)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server():
+    folder = _data_folder()
+    data = folder / "data"
+    try:
+        state = team.start(data, port=free_port())
+        yield state
+    finally:
+        team.stop(data)
+        left = _server_processes(data)
+        shutil.rmtree(folder, ignore_errors=True)
+        assert left == [], "a server process was left behind"
+
+
+def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if auth:
+        import base64
+
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_a_data_folder_nobody_can_reach_is_explained(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root hands PostgreSQL to another user")
+    with pytest.raises(team.TeamServerError, match="chmod o\\+x"):
+        team.start(tmp_path / "data", port=free_port())  # pytest's folders are mode 0700
+
+
+def test_the_server_starts_once_survives_a_restart_and_stops_cleanly(server):
+    data = Path(server["data"])
+    same = {k: v for k, v in server.items() if k != "start_seconds"}
+    assert team.start(data, port=server["port"]) == same  # already running: the same
+    client = mlflow.MlflowClient(server["uri"], server["uri"])
+    exp = client.create_experiment("survives")
+    assert team.stop(data) and _server_processes(data) == []
+    again = team.start(data, port=server["port"])
+    assert again["uri"] == server["uri"]
+    server.update(again)  # new pids, for the other tests and the final stop
+    client = mlflow.MlflowClient(server["uri"], server["uri"])
+    assert client.get_experiment_by_name("survives").experiment_id == exp
+
+
+def _race_worker(uri: str, folder: str, model_uri: str, accuracy: float, barrier,
+                 results) -> None:
+    """One gate in its own working folder (so no local lock file is shared)."""
+    os.chdir(folder)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["FOOD101_TEST_GATE_PAUSE"] = "0.7"  # read champion ... pause ... write
+    try:
+        from pipeline.runs import registry
+
+        version = registry.register(model_uri, "race", {
+            "test_accuracy": f"{accuracy:.6f}", "test_manifest_sha256": "m" * 64})
+        barrier.wait(120)
+        decision = registry.gate("race", version, accuracy, "m" * 64, 0.0, _never)
+        results.put({"version": version, "accuracy": accuracy, "decision": decision.as_dict()})
+    except BaseException:
+        results.put({"error": traceback.format_exc()})
+        barrier.abort()
+
+
+def _never(uri: str) -> float:
+    raise AssertionError("the champion was measured on this manifest")
+
+
+def test_gates_from_processes_that_share_only_the_server(server, tmp_path, monkeypatch):
+    """N gates with a pause between reading the champion and writing: exactly one champion,
+    the best (ties: the lower version), previous-champion right, every decision recorded."""
+    from pipeline.runs import registry
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
+    mlflow.set_tracking_uri(server["uri"])
+    model_uri = log_echo_model("race")
+    v1 = registry.register(model_uri, "race", {"test_accuracy": "0.500000",
+                                               "test_manifest_sha256": "m" * 64})
+    registry.gate("race", v1, 0.5, "m" * 64, 0.0, _never)
+    accuracies = [0.6, 0.8, 0.7, 0.8]  # two equal bests: the lower version must win
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(len(accuracies)), ctx.Queue()
+    procs = []
+    for i, acc in enumerate(accuracies):
+        folder = tmp_path / f"clone{i}"
+        folder.mkdir()
+        procs.append(ctx.Process(target=_race_worker, args=(
+            server["uri"], str(folder), model_uri, acc, barrier, results)))
+    for p in procs:
+        p.start()
+    got = []
+    try:
+        for _ in procs:
+            got.append(results.get(timeout=300))
+    except queue.Empty:
+        pytest.fail(f"gates did not finish: {got}")
+    finally:
+        for p in procs:
+            p.join(60)
+    assert not [g for g in got if "error" in g], got
+    c = registry.client()
+    aliases = {k: str(v) for k, v in c.get_registered_model("race").aliases.items()}
+    acc = {g["version"]: g["accuracy"] for g in got} | {v1: 0.5}
+    best = max(acc.values())
+    champion = str(min(int(v) for v, a in acc.items() if a == best))
+    assert aliases["champion"] == champion
+    decisions = {g["version"]: g["decision"] for g in got}
+    assert decisions[champion]["promoted"]
+    assert aliases["previous-champion"] == decisions[champion]["champion_version"]
+    for version in acc:  # every decision recorded on its version
+        assert c.get_model_version("race", version).tags["promotion"] in ("promoted",
+                                                                          "rejected")
+    promoted = sorted((g for g in got if g["decision"]["promoted"]),
+                      key=lambda g: (g["accuracy"], -int(g["version"])))
+    chain = v1  # the promotions happened one after the other: each saw the previous one
+    for g in promoted:
+        assert g["decision"]["champion_version"] == chain, got
+        chain = g["version"]
+    assert not c.search_registered_models("name = 'race.promotion-lock'")  # released
+
+    # a champion chosen by hand is not undone by a gate that does not beat it
+    worst = min(acc, key=acc.get)
+    registry.promote("race", worst)
+    lower = registry.register(model_uri, "race", {"test_accuracy": "0.400000",
+                                                  "test_manifest_sha256": "m" * 64})
+    assert not registry.gate("race", lower, 0.4, "m" * 64, 0.0, _never).promoted
+    assert str(c.get_registered_model("race").aliases["champion"]) == worst
+
+
+def test_an_expired_lock_is_broken_once_and_a_live_one_waits(server, monkeypatch):
+    from pipeline.runs import registry
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
+    c = registry.client()
+    lock = "stale" + registry.LOCK_SUFFIX
+    c.create_registered_model(lock, tags={"token": "dead", "holder": "gone:1",
+                                          "expires_at": f"{time.time() - 1:.3f}"})
+    with registry.server_lock("stale"):
+        assert c.get_registered_model(lock).tags["token"] != "dead"  # ours now
+    assert not c.search_registered_models(f"name = '{lock}'")
+    assert not c.search_registered_models("name LIKE 'stale.promotion-lock.break-%'")
+    monkeypatch.setattr(registry, "LOCK_WAIT_SECONDS", 1.0)
+    c.create_registered_model(lock, tags={"token": "alive", "holder": "busy:2",
+                                          "expires_at": f"{time.time() + 600:.3f}"})
+    with pytest.raises(registry.RegistryError, match="still held .held by busy:2"):
+        with registry.server_lock("stale"):
+            pass
+    assert c.get_registered_model(lock).tags["token"] == "alive"  # not broken
+
+
+def _project(root: Path, name: str, uri: str, lr: float) -> tuple[Path, dict]:
+    repo = root / name
+    env = make_project(repo, {"train": {"lr": lr}})
+    env["MLFLOW_TRACKING_URI"] = uri
+    return repo, env
+
+
+def test_two_clones_at_once_then_a_fresh_clone_from_the_dvc_remote(server, tmp_path):
+    uri = server["uri"]
+    (a, env_a), (b, env_b) = (_project(tmp_path, "a", uri, 0.003),
+                              _project(tmp_path, "b", uri, 0.01))
+    procs = [subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for repo, env in ((a, env_a), (b, env_b))]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    c = mlflow.MlflowClient(uri, uri)
+    versions = c.search_model_versions(f"name='{NAME}'")
+    assert len(versions) >= 2
+    acc = {str(v.version): float(v.tags["test_accuracy"]) for v in versions}
+    best = max(acc.values())
+    aliases = {k: str(v) for k, v in c.get_registered_model(NAME).aliases.items()}
+    assert aliases["champion"] == str(min(int(v) for v, x in acc.items() if x == best))
+    assert all(v.tags.get("promotion") for v in versions)
+    status, body = _get(f"{uri}/api/2.0/mlflow/registered-models/alias?name={NAME}"
+                        "&alias=champion")
+    assert status == 200 and json.loads(body)["model_version"]["version"] == aliases["champion"]
+    for repo in (a, b):  # nothing local: no store, artifacts went through the server
+        assert not (repo / "mlruns").exists()
+        assert (repo / ".cache" / "registry.lock").exists()
+    assert list((Path(server["data"]) / "artifacts").rglob("weights.pt"))
+
+    # the DVC remote: both push their run-cache; a fresh clone of a reproduces without work
+    remote = tmp_path / "remote"
+    for repo, env in ((a, env_a), (b, env_b)):
+        sh(repo, "git", "add", "-A", env=env)
+        sh(repo, "git", "commit", "-qm", "run", env=env)
+        sh(repo, PY, "-m", "pipeline.team", "remote", str(remote), env=env)
+        sh(repo, "dvc", "push", "--run-cache", env=env)
+    fresh = tmp_path / "fresh"
+    sh(tmp_path, "git", "clone", "-q", str(a), str(fresh), env=env_a)
+    sh(fresh, PY, "-m", "pipeline.team", "remote", str(remote), env=env_a)
+    sh(fresh, "dvc", "pull", "--run-cache", env=env_a)
+    out = sh(fresh, "dvc", "repro", env=env_a)
+    assert ran_stages(out.stdout + out.stderr) == {"champion"}  # the registry lookup only
+    # what b ran: restored from the run-cache (--pull: DVC fetches the run-cache's data on use)
+    out = sh(fresh, "dvc", "exp", "run", "--pull", "-S", "train.lr=0.01", env=env_a)
+    text = out.stdout + out.stderr
+    assert "Stage 'train' is cached - skipping run" in text, text[-3000:]
+    assert "train" not in ran_stages(text)
+
+
+@pytest.fixture()
+def auth_server():
+    folder = _data_folder()
+    data = folder / "data"
+    try:
+        yield team.start(data, port=free_port(), auth=True)
+    finally:
+        team.stop(data)
+        left = _server_processes(data)
+        shutil.rmtree(folder, ignore_errors=True)
+        assert left == []
+
+
+@contextlib.contextmanager
+def _as(user: str, password: str):
+    """MLflow clients in this process authenticate as ``user`` inside the block."""
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setenv("MLFLOW_TRACKING_USERNAME", user)
+        mp_.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        yield
+
+
+def test_basic_auth_two_users_run_and_gate(auth_server, tmp_path):
+    from mlflow.server import get_app_client
+
+    uri, data = auth_server["uri"], Path(auth_server["data"])
+    password_file = data / "auth" / "admin_password"
+    assert oct(password_file.stat().st_mode & 0o777) == "0o600"
+    admin = ("admin", password_file.read_text().strip())
+    search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _get(search)[0] == 401  # unauthenticated: refused
+    assert _get(search, admin)[0] == 200
+    users = {"ana": "ana-" + os.urandom(6).hex(), "ben": "ben-" + os.urandom(6).hex()}
+    with _as(*admin):
+        for user, password in users.items():
+            get_app_client("basic-auth", tracking_uri=uri).create_user(user, password)
+
+    repo, env = _project(tmp_path, "clone", uri, 0.003)
+    out = sh(repo, "dvc", "repro", env={**env, "MLFLOW_TRACKING_USERNAME": "ana",
+                                        "MLFLOW_TRACKING_PASSWORD": users["ana"]})
+    # ana created the experiment and the registered model (MANAGE on both): ben may edit
+    with _as("ana", users["ana"]):
+        exp = mlflow.MlflowClient(uri, uri).get_experiment_by_name("food101").experiment_id
+        grants = get_app_client("basic-auth", tracking_uri=uri)
+        grants.grant_user_permission("ben", "experiment", exp, "EDIT")
+        grants.grant_user_permission("ben", "registered_model", NAME, "EDIT")
+    out2 = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.02", env={
+        **env, "MLFLOW_TRACKING_USERNAME": "ben", "MLFLOW_TRACKING_PASSWORD": users["ben"]})
+    assert {"train", "evaluate", "champion", "predict"} <= ran_stages(out2.stdout + out2.stderr)
+    assert _get(f"{uri}/api/2.0/mlflow/registered-models/alias?name={NAME}&alias=champion",
+                admin)[0] == 200
+    with _as(*admin):
+        c = mlflow.MlflowClient(uri, uri)
+        versions = c.search_model_versions(f"name='{NAME}'")
+        runs = c.search_runs([exp])
+    assert len(versions) == 2 and all(v.tags.get("promotion") for v in versions)
+    # credentials never land in params, tags, logs or the repository
+    secrets_ = [users["ana"], users["ben"], admin[1]]
+    for run in runs:
+        blob = json.dumps({"params": run.data.params, "tags": run.data.tags})
+        assert not any(secret in blob for secret in secrets_)
+    logs = out.stdout + out.stderr + out2.stdout + out2.stderr
+    assert not any(secret in logs for secret in secrets_)
+    tracked = subprocess.run(["git", "grep", "-I", "-l", "-e", users["ana"], "-e",
+                              users["ben"]], cwd=repo, capture_output=True, text=True)
+    assert tracked.stdout == ""
