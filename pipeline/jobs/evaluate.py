@@ -52,7 +52,8 @@ def champion_scorer(root: Path, test: pd.DataFrame, batch_size: int) -> Callable
     paths = [root / p for p in test["path"]]
 
     def score(model_uri: str) -> float:
-        labels = registry.predict_files(model_uri, paths, batch_size)["label"]
+        labels = registry.predict_files(model_uri, paths, batch_size,
+                                        desc="re-score champion")["label"]
         return labels_accuracy(labels.tolist(), test["label"].tolist())
 
     return score
