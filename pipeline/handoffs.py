@@ -49,6 +49,9 @@ TRAIN_HISTORY = Path("plots/train_history.csv")
 LEARNING_CURVES = Path("plots/learning_curves.png")
 CONFUSION_CSV = Path("plots/confusion.csv")
 CONFUSION_PNG = Path("plots/confusion_matrix.png")
+PER_CLASS_ACCURACY_CSV = Path("plots/per_class_accuracy.csv")
+PER_CLASS_ACCURACY_PNG = Path("plots/per_class_accuracy.png")
+WORST_PREDICTIONS_PNG = Path("plots/worst_predictions.png")
 PREDICTIONS = Path("predictions/predictions.csv")
 
 

@@ -51,7 +51,8 @@ def test_default_paths_are_the_ones_dvc_tracks():
                  handoffs.PROMOTION, handoffs.PER_CLASS_REPORT, handoffs.TRAIN_METRICS,
                  handoffs.EVALUATE_METRICS, handoffs.PREDICT_METRICS, handoffs.TRAIN_HISTORY,
                  handoffs.LEARNING_CURVES, handoffs.CONFUSION_CSV, handoffs.CONFUSION_PNG,
-                 handoffs.PREDICTIONS):
+                 handoffs.PER_CLASS_ACCURACY_CSV, handoffs.PER_CLASS_ACCURACY_PNG,
+                 handoffs.WORST_PREDICTIONS_PNG, handoffs.PREDICTIONS):
         assert path.as_posix() in outs, path
     assert SampleReport.default_path == handoffs.SAMPLE_REPORT
     assert RunRef.default_path == handoffs.RUN_REF

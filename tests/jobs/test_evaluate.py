@@ -25,7 +25,19 @@ def test_metrics_are_against_the_true_labels(champion_store):
     assert ev.metrics["test_top5_accuracy"] >= ev.metrics["test_accuracy"]
     assert ev.per_class["class"].tolist() == list(c.data.classes)
     assert ev.per_class["support"].sum() == len(test)
-    assert ev.figure.axes
+    # per-class accuracy (the bar chart's data): each class's recall, worst first
+    recall = dict(zip(ev.per_class["class"], ev.per_class["recall"], strict=True))
+    assert sorted(ev.accuracy["class"]) == sorted(c.data.classes)
+    assert ev.accuracy["accuracy"].is_monotonic_increasing
+    for row in ev.accuracy.itertuples():
+        assert row.accuracy == pytest.approx(recall[row._1], abs=1e-4)
+    figs = ev.figures
+    assert [t.get_text() for t in figs.confusion.axes[0].get_xticklabels()] == list(c.data.classes)
+    assert [t.get_text() for t in figs.per_class.axes[0].get_yticklabels()] == \
+        ev.accuracy["class"].tolist()
+    captions = [ax.get_title() for ax in figs.worst.axes if ax.get_title()]
+    assert len(captions) == min(16, len(test))  # the grid of the worst-classified images
+    assert all(t.startswith("true: ") and "\npred: " in t for t in captions)
 
 
 def test_the_training_run_holds_the_evaluation(champion_store, tmp_path):
@@ -40,7 +52,12 @@ def test_the_training_run_holds_the_evaluation(champion_store, tmp_path):
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/per_class_report.csv",
-            "evaluation/confusion_matrix.csv", "evaluation/promotion.json"} <= artifacts
+            "evaluation/confusion_matrix.csv", "evaluation/promotion.json",
+            "evaluation/per_class_accuracy.png", "evaluation/worst_predictions.png"} <= artifacts
+    pictures = {a.path for folder in ("training", "evaluation")
+                for a in client.list_artifacts(run_id, folder) if a.path.endswith(".png")}
+    assert pictures == {"training/learning_curves.png", "evaluation/confusion_matrix.png",
+                        "evaluation/per_class_accuracy.png", "evaluation/worst_predictions.png"}
     local = Path(client.download_artifacts(run_id, "evaluation", str(tmp_path)))
     assert (local / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pd.read_csv(local / "per_class_report.csv")["class"].tolist() == list(c.data.classes)
