@@ -156,6 +156,12 @@ def evaluate_and_log(
         tracking.set_tags({"registered_version": version,
                            "promotion": "promoted" if decision.promoted else "rejected"})
         tracking.log_dict(decision.as_dict(), "evaluation/promotion.json")
+        # The descriptions people read in the UI: the run's, the version's, the model's.
+        tracking.set_run_note_section("Evaluation and promotion", registry.run_section(
+            name, version, metrics, data.test.path, len(df), decision))
+        registry.describe(name, version, registry.version_note(
+            metrics, data.test.path, len(df), digest, run.run_name,
+            tracking.run_route(tracking.active_experiment_id(), run_id), decision))
     confusion_rows = pd.DataFrame({"actual": [classes[i] for i in y_true],
                                    "predicted": [classes[i] for i in y_pred]})
     return EvalOutputs(metrics, per_class, confusion_rows, accuracy, decision, figures)

@@ -344,3 +344,54 @@ def predict_files(model_uri: str, paths: Sequence[Path], batch_size: int = 16,
             )
         return pd.DataFrame(json.loads(out.read_text()))
 
+
+# -- descriptions people read in the UI ----------------------------------------------------
+
+
+def model_note(name: str) -> str:
+    """The registered model's description: how to load it and what the aliases mean."""
+    return (
+        f"Food-101 ResNet50 transfer learning. Load the champion with "
+        f"`mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`: it takes raw images (a "
+        "DataFrame column `image` of bytes, or `path`) and returns `label`, `confidence` and "
+        "`top5`; its preprocessing, class names and code travel with it.\n\n"
+        f"Aliases: `{CHAMPION}` (what consumers load), `{CHALLENGER}` (the newest evaluated "
+        f"version), `{PREVIOUS}` (what `python -m pipeline rollback` restores). Each version's "
+        "description holds its test metrics, test manifest, run and promotion decision."
+    )
+
+
+def version_note(metrics: dict, test_manifest: str, test_images: int, manifest_sha256: str,
+                 run_name: str, run_link: str, decision: Promotion | None) -> str:
+    """A version's description: test accuracy, top-5, macro-F1, the test manifest, the run
+    (a link into the UI), and the promotion decision."""
+    text = (  # plain first line: the model page's versions table shows it as text
+        f"test_accuracy {metrics['test_accuracy']:.4f} · "
+        f"test_top5_accuracy {metrics['test_top5_accuracy']:.4f} · "
+        f"test_macro_f1 {metrics['test_macro_f1']:.4f}\n\n"
+        f"Test manifest `{test_manifest}` ({test_images} images, sha256 "
+        f"`{manifest_sha256[:12]}`). Run [{run_name}]({run_link}).")
+    if decision is not None:
+        verdict = "promoted to champion" if decision.promoted else "not promoted"
+        text += f"\n\n**{verdict}**: {decision.reason}."
+    return text
+
+
+def describe(name: str, version: str, text: str) -> None:
+    """Set the descriptions of version ``version`` and of the registered model."""
+    c = client()
+    c.update_model_version(name, str(version), description=text)
+    c.update_registered_model(name, description=model_note(name))
+
+
+def run_section(name: str, version: str, metrics: dict, test_manifest: str, test_images: int,
+                decision: Promotion) -> str:
+    """The evaluation part of a run's description: its registry version and the decision."""
+    verdict = "promoted to champion" if decision.promoted else "not promoted"
+    link = tracking.version_route(name, version)
+    return (
+        f"Registered as [{name} v{version}]({link}): **{verdict}** ({decision.reason}).\n\n"
+        f"test_accuracy **{metrics['test_accuracy']:.4f}** · test_top5_accuracy "
+        f"{metrics['test_top5_accuracy']:.4f} · test_macro_f1 {metrics['test_macro_f1']:.4f} "
+        f"on `{test_manifest}` ({test_images} images)."
+    )

@@ -80,6 +80,33 @@ def test_registered_as_the_first_champion(champion_store):
     assert mv.tags["promotion"] == "promoted"
 
 
+def test_descriptions_of_the_run_the_version_and_the_model(champion_store):
+    """What people read in the UI: MLflow's own description fields, not only tags."""
+    c = champion_store
+    run_id, metrics = c.trained.run.run_id, c.evaluated.metrics
+    run = mlflow.get_run(run_id)
+    note = run.data.tags["mlflow.note.content"]
+    evaluation = note.split("### Evaluation and promotion\n")[1]
+    assert f"[{c.name} v1](#/models/{c.name}/versions/1?workflowType=machine_learning)" \
+        in evaluation
+    assert "**promoted to champion** (no champion yet)" in evaluation
+    assert f"test_accuracy **{metrics['test_accuracy']:.4f}**" in evaluation
+    assert note.startswith("**What differs from the committed baseline**")  # train's part kept
+
+    mv = registry.get_version(c.name, 1)
+    exp_id = run.info.experiment_id
+    assert mv.description.startswith(f"test_accuracy {metrics['test_accuracy']:.4f} · "
+                                     f"test_top5_accuracy {metrics['test_top5_accuracy']:.4f} · "
+                                     f"test_macro_f1 {metrics['test_macro_f1']:.4f}")
+    assert f"`{c.data.test.path}` ({len(c.data.test.frame)} images" in mv.description
+    assert c.data.test.sha256[:12] in mv.description
+    link = f"(#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning)"
+    assert f"Run [{c.trained.run.run_name}]{link}" in mv.description
+    assert "**promoted to champion**: no champion yet." in mv.description
+    model = mlflow.MlflowClient().get_registered_model(c.name)
+    assert f"models:/{c.name}@champion" in model.description
+
+
 def test_labels_accuracy_compares_with_the_truth():
     assert labels_accuracy(["a", "b", "c"], ["a", "b", "x"]) == pytest.approx(2 / 3)
     assert labels_accuracy(["a", "a"], ["b", "b"]) == 0.0
