@@ -132,25 +132,31 @@ class Misclassified:
 
 def worst_predictions_figure(items: Sequence[Misclassified], title: str = "",
                              columns: int = 4, thumb: int = 128) -> Figure:
-    """A grid of test images (centre-cropped, as the model sees them) with true and predicted
-    labels (red: wrong, green: right), in the given order (the job passes them worst first)."""
+    """A grid of test images (centre-cropped, as the model sees them, drawn pixel for pixel)
+    with true and predicted labels (red: wrong, green: right), in the given order (the job
+    passes them worst first)."""
     k = len(items)
     cols = max(1, min(columns, k))
     rows = max(1, math.ceil(k / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.2 * rows + 0.4), squeeze=False)
-    for ax in axes.flat:
+    side = thumb / DPI  # inches: one image pixel per PNG pixel (sharp, and a small file)
+    cell_w, cell_h, top = max(1.75, side + 0.2), side + 0.6, 0.4
+    width, height = cols * cell_w, rows * cell_h + top
+    fig = plt.figure(figsize=(width, height))
+    for n, item in enumerate(items):
+        r, c = divmod(n, cols)
+        left = c * cell_w + (cell_w - side) / 2
+        bottom = height - top - (r + 1) * cell_h + 0.05
+        ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
+        ax.imshow(np.asarray(ImageOps.fit(item.image, (thumb, thumb))), interpolation="nearest")
         ax.axis("off")
-    for ax, item in zip(axes.flat, items, strict=False):
-        ax.imshow(np.asarray(ImageOps.fit(item.image, (thumb, thumb))))  # the centre crop
         wrong = item.true != item.predicted
         ax.set_title(f"true: {item.true}\npred: {item.predicted} ({item.confidence:.2f})\n"
-                     f"p(true) = {item.true_probability:.3f}", fontsize=6.5,
+                     f"p(true) = {item.true_probability:.3f}", fontsize=6.5, pad=3,
                      color=WRONG if wrong else RIGHT)
     if not k:
-        axes.flat[0].text(0.5, 0.5, "no test images", ha="center", va="center")
+        fig.text(0.5, 0.4, "no test images", ha="center", va="center")
     fig.suptitle(title or "Worst-classified test images (lowest probability of the true class)",
-                 fontsize=10)
-    fig.tight_layout()
+                 fontsize=10, y=1 - 0.12 / height, va="top")
     return fig
 
 
