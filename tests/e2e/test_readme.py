@@ -162,10 +162,6 @@ def clone(tmp_path_factory):
         shutil.copy(template, repo / ".cache" / template.name)
     else:
         (repo / ".cache" / template.name).write_text("<html><body>{plot_divs}</body></html>")
-    photo = repo / "photo.jpg"  # a generated test photo of the demo's first class
-    from pipeline.data.demo import image_bytes
-
-    photo.write_bytes(image_bytes(101, 0, 1_000_000, 64, 80))
     out = _sh(repo, env, "make run")
     yield repo, env, out
     assert _editable_mapping() == mapping, "the test re-pointed the real venv's install"
