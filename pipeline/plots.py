@@ -151,7 +151,7 @@ def worst_predictions_figure(items: Sequence[Misclassified], title: str = "",
         ax.axis("off")
         wrong = item.true != item.predicted
         ax.set_title(f"true: {item.true}\npred: {item.predicted} ({item.confidence:.2f})\n"
-                     f"p(true) = {item.true_probability:.3f}", fontsize=6.5, pad=3,
+                     f"p(true) = {item.true_probability:.2g}", fontsize=6.5, pad=3,
                      color=WRONG if wrong else RIGHT)
     if not k:
         fig.text(0.5, 0.4, "no test images", ha="center", va="center")

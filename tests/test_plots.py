@@ -97,14 +97,14 @@ def test_per_class_accuracy_bars_are_sorted_worst_first():
 
 def test_worst_predictions_grid_shows_true_and_predicted_labels():
     img = Image.new("RGB", (90, 60), (200, 30, 30))
-    items = [Misclassified(img, "apple_pie", "churros", 0.91, 0.02),
+    items = [Misclassified(img, "apple_pie", "churros", 0.91, 0.000021),
              Misclassified(img, "bibimbap", "bibimbap", 0.55, 0.55),
              Misclassified(img, "donuts", "churros", 0.40, 0.30)]
     fig = worst_predictions_figure(items, columns=2)
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[:3] == ["true: apple_pie\npred: churros (0.91)\np(true) = 0.020",
-                          "true: bibimbap\npred: bibimbap (0.55)\np(true) = 0.550",
-                          "true: donuts\npred: churros (0.40)\np(true) = 0.300"]
+    assert titles[:3] == ["true: apple_pie\npred: churros (0.91)\np(true) = 2.1e-05",
+                          "true: bibimbap\npred: bibimbap (0.55)\np(true) = 0.55",
+                          "true: donuts\npred: churros (0.40)\np(true) = 0.3"]
     colours = [ax.title.get_color() for ax in fig.axes[:3]]
     assert colours[0] == colours[2] != colours[1]  # wrong ones red, the right one green
     assert [ax.images[0].get_array().shape[:2] for ax in fig.axes[:3]] == [(128, 128)] * 3
