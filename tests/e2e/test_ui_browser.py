@@ -26,7 +26,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import REPO, fresh_store, free_port, make_tiny_data
+from helpers import REPO, free_port, fresh_store, make_tiny_data
 
 pytestmark = pytest.mark.slow
 
