@@ -9,6 +9,7 @@ from PIL import Image
 
 from pipeline.evaluation import confusion, per_class_accuracy
 from pipeline.plots import (
+    DPI,
     Misclassified,
     confusion_figure,
     learning_curves,
@@ -68,9 +69,9 @@ def test_confusion_figure_is_readable_at_101_classes():
     boxes = [t.get_window_extent(renderer) for t in ax.get_yticklabels()]
     assert all(a.y0 >= b.y1 or b.y0 >= a.y1 for a, b in zip(boxes, boxes[1:], strict=False))
     assert fig.get_tightbbox(renderer).x0 >= 0  # the names are not cut off at the left
-    small = _png(confusion_figure(confusion(Y_TRUE, Y_PRED, 4), CLASSES))
-    big = _png(fig)
-    assert small.width < big.width < 2500  # grows with the classes, within reason
+    small = confusion_figure(confusion(Y_TRUE, Y_PRED, 4), CLASSES)
+    widths = [f.get_size_inches()[0] * DPI for f in (small, fig)]
+    assert widths[0] < widths[1] < 2500  # pixels: grows with the classes, within reason
 
 
 def test_pictures_are_byte_identical_when_nothing_changed():
