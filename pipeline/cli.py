@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -176,6 +177,11 @@ def cmd_ui(args: argparse.Namespace) -> None:
         return
     store = Path(uri.removeprefix("sqlite:///")).parent
     base = f"http://{args.host}:{args.port}"
+    with socket.socket() as probe:
+        if probe.connect_ex((args.host, args.port)) == 0:
+            raise PipelineError(f"something already listens on {args.host}:{args.port} (an "
+                                "MLflow UI started before?): stop it, or choose another port "
+                                "(make ui PORT=5050, python -m pipeline ui --port 5050)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", args.host,
@@ -194,12 +200,15 @@ def cmd_ui(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        if server.poll() is None:
-            server.terminate()
+        for stop in (None, server.terminate, server.kill):  # Ctrl-C reached the server too
+            if server.poll() is not None:
+                break
+            if stop:
+                stop()
             try:
-                server.wait(timeout=15)
+                server.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                server.kill()
+                pass
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -268,3 +268,17 @@ def test_ui_against_a_team_server_starts_nothing(capsys, monkeypatch):
     assert code == 0
     assert out.startswith("MLFLOW_TRACKING_URI is http://127.0.0.1:9: open that server's UI")
     assert f"model: http://127.0.0.1:9/#/models/{NAME}?workflowType=machine_learning" in out
+
+
+def test_ui_on_a_busy_port_says_how_to_move_it(capsys, store, monkeypatch, tmp_path):
+    import socket
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)  # the project's own store: mlruns/ here
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, out, err = cli(capsys, "ui", "--port", str(port), "--no-browser")
+    assert code == 2 and out == ""
+    assert f"something already listens on 127.0.0.1:{port}" in err and "PORT=" in err
