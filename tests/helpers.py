@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -143,3 +150,61 @@ def log_legacy_model(champion, tmp: Path) -> str:
         for name in ("imaging", "modeling"):
             sys.modules.pop(name, None)
     return info.model_uri
+
+
+# -- the end-to-end tests: a tiny project, and services started, waited for and stopped -----------
+
+# params.yaml overrides for a whole pipeline in seconds (e2e tests on a temporary repository)
+TINY_PROJECT = {
+    "data": {"image_size": 32},
+    "demo": {"classes": 4, "train_per_class": 20, "test_per_class": 10, "min_side": 40,
+             "max_side": 56},
+    "sample": {"size": 60, "test_size": 20, "unlabeled_size": 6},
+    "train": {"epochs": 2, "batch_size": 16, "log_every": 2, "num_workers": 0},
+}
+
+
+def wait_for_http(url: str, proc, seconds: float, what: str) -> None:
+    """Until ``url`` answers 200; fails the test when ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            out = proc.stdout.read()[-4000:] if proc.stdout else ""
+            pytest.fail(f"{what} exited ({proc.returncode}):\n{out}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: no answer from {url} within {seconds} s")
+        time.sleep(0.5)
+
+
+def printed_links(proc, seconds: float) -> dict[str, str]:
+    """The ``runs:`` and ``model:`` links that `make ui` / `python -m pipeline ui` print."""
+    links, seen, deadline = {}, [], time.monotonic() + seconds
+    while "model" not in links and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if m := re.match(r"(runs|model):\s+(\S+)", line):
+            links[m.group(1)] = m.group(2)
+    assert set(links) == {"runs", "model"}, "no links printed:\n" + "".join(seen[-40:])
+    return links
+
+
+def stop_group(proc, sig: int) -> None:
+    """Send ``sig`` to the process group (Ctrl-C is SIGINT to the terminal's group); SIGKILL
+    after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    if proc.stdout:
+        proc.stdout.close()

@@ -12,19 +12,12 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, TINY_PROJECT
 
 pytestmark = pytest.mark.slow
 
 STAGES = ("prepare", "sample", "split", "train", "evaluate", "predict")
 BIN = Path(sys.executable).parent
-TINY = {
-    "data": {"image_size": 32},
-    "demo": {"classes": 4, "train_per_class": 20, "test_per_class": 10, "min_side": 40,
-             "max_side": 56},
-    "sample": {"size": 60, "test_size": 20, "unlabeled_size": 6},
-    "train": {"epochs": 2, "batch_size": 16, "log_every": 2, "num_workers": 0},
-}
 
 
 def _sh(cwd, *args, env):
@@ -48,7 +41,7 @@ def project(tmp_path_factory):
     shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
     shutil.copy(REPO / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
+    for section, values in TINY_PROJECT.items():
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items()

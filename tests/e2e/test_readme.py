@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -30,16 +29,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from helpers import REPO, free_port
+from helpers import REPO, TINY_PROJECT, free_port, printed_links, stop_group, wait_for_http
 
 WAYS = ("activated", "prefix")
-TINY = {
-    "data": {"image_size": 32},
-    "demo": {"classes": 4, "train_per_class": 20, "test_per_class": 10, "min_side": 40,
-             "max_side": 56},
-    "sample": {"size": 60, "test_size": 20, "unlabeled_size": 6},
-    "train": {"epochs": 2, "batch_size": 16, "log_every": 2, "num_workers": 0},
-}
 CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
 START_WAIT = 180  # seconds for `make ui` / `mlflow models serve` to answer
 YEAR_2000 = 946_684_800
@@ -150,7 +142,7 @@ def clone(tmp_path_factory):
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, repo / rel)  # keeps stages/python executable
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
+    for section, values in TINY_PROJECT.items():
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {"HOME": str(home), "PATH": CLEAN_PATH, "LANG": "C.UTF-8", "TERM": "dumb"}
@@ -223,38 +215,9 @@ def test_everyday_commands(clone, way):
             assert any(c in out for c in classes), out
 
 
-def _wait_for(url: str, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + START_WAIT
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: no answer from {url} within {START_WAIT} s")
-        time.sleep(0.5)
-
-
 def _start(repo: Path, env: dict, line: str) -> subprocess.Popen:
     return subprocess.Popen(["bash", "-c", line], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
-    """What Ctrl-C does in the terminal: the signal to the whole process group."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    if proc.stdout:
-        proc.stdout.close()
 
 
 def _get_json(url: str) -> dict:
@@ -270,14 +233,7 @@ def test_make_ui_serves_the_links_it_prints(clone, way):
     port = free_port()
     proc = _start(repo, env, typed(f"{command} PORT={port}", way))
     try:
-        links, deadline = {}, time.monotonic() + START_WAIT
-        while "model" not in links and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            if m := re.match(r"(runs|model):\s+(\S+)", line):
-                links[m.group(1)] = m.group(2)
-        assert set(links) == {"runs", "model"}, f"no links printed ({proc.poll()})"
+        links = printed_links(proc, START_WAIT)
         base = f"http://127.0.0.1:{port}"
         exp_id = _client(repo).get_experiment_by_name("food101").experiment_id
         assert links["runs"] == (f"{base}/#/experiments/{exp_id}/runs?workflowType="
@@ -293,7 +249,7 @@ def test_make_ui_serves_the_links_it_prints(clone, way):
         model = _get_json(f"{api}/registered-models/get?name=food101-resnet50")
         assert "champion" in {a["alias"] for a in model["registered_model"]["aliases"]}
     finally:
-        _stop(proc)
+        stop_group(proc, signal.SIGINT)  # Ctrl-C
     assert proc.returncode is not None
     with pytest.raises((urllib.error.URLError, ConnectionError)):  # Ctrl-C stopped the server
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
@@ -307,13 +263,13 @@ def test_serving_the_champion(clone, way):
     port = str(free_port())
     proc = _start(repo, env, typed(serve.replace("5001", port), way))
     try:
-        _wait_for(f"http://127.0.0.1:{port}/ping", proc, "mlflow models serve")
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, START_WAIT, "mlflow models serve")
         answer = json.loads(_sh(repo, env, typed(curl.replace("5001", port), way)))
         (pred,) = answer["predictions"]
         assert pred["label"] in {d.name for d in (repo / "data/source/images").iterdir()}
         assert 0.0 <= pred["confidence"] <= 1.0
     finally:
-        _stop(proc)
+        stop_group(proc, signal.SIGINT)  # Ctrl-C
 
 
 @pytest.mark.slow

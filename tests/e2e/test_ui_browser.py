@@ -21,12 +21,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import REPO, free_port, fresh_store, make_tiny_data
+from helpers import REPO, free_port, fresh_store, make_tiny_data, printed_links, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -112,25 +111,9 @@ def ui(project):
                              "--no-browser"], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        links, deadline, seen = {}, time.monotonic() + UI_WAIT, []
-        while "model" not in links and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            seen.append(line)
-            if m := re.match(r"(runs|model):\s+(\S+)", line):
-                links[m.group(1)] = m.group(2)
-        assert set(links) == {"runs", "model"}, "".join(seen[-40:])
-        yield f"http://127.0.0.1:{port}", links
+        yield f"http://127.0.0.1:{port}", printed_links(proc, UI_WAIT)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        proc.stdout.close()
+        stop_group(proc, signal.SIGINT)  # Ctrl-C
 
 
 @pytest.fixture()
