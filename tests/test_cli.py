@@ -282,3 +282,13 @@ def test_ui_on_a_busy_port_says_how_to_move_it(capsys, store, monkeypatch, tmp_p
         code, out, err = cli(capsys, "ui", "--port", str(port), "--no-browser")
     assert code == 2 and out == ""
     assert f"something already listens on 127.0.0.1:{port}" in err and "PORT=" in err
+
+
+def test_a_browser_opens_only_where_a_desktop_exists(monkeypatch):
+    from pipeline.cli import _desktop
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert not _desktop()  # a server, CI, ssh: print the links only
+    monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")
+    assert _desktop()
