@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PORT   ?= 5000
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+export VIRTUAL_ENV := $(abspath $(VENV))
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := true
 
@@ -31,12 +32,11 @@ test: lint
 test-fast: lint
 	$(PY) -m pytest -m "not slow"
 
-# The MLflow UI on the project's own store (one worker, no job runner: starts in seconds).
+# The MLflow UI on the project's own store (one worker, no job runner: starts in seconds);
+# prints the experiment's runs table and the registered model's page in model-training mode
+# (opens them where a desktop browser exists). Ctrl-C stops it.
 ui: $(STAMP)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --workers 1 \
-	  --host 127.0.0.1 --port $(PORT) \
-	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
-	  --default-artifact-root $(CURDIR)/mlruns/artifacts
+	$(PY) -m pipeline ui --port $(PORT)
 
 # `dvc plots show` with vega inlined (DVC's page loads it from a CDN: blank offline).
 plots: $(STAMP)

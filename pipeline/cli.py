@@ -4,6 +4,8 @@
     python -m pipeline promote 3
     python -m pipeline rollback
     python -m pipeline predict photo1.jpg photo2.png [--model champion|<version>]
+    python -m pipeline ui [--port 5000]      # the MLflow UI on the project's store (make ui)
+    python -m pipeline ui-links [--port 5000]
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+import webbrowser
 from pathlib import Path
 
 import yaml
@@ -19,6 +29,8 @@ import yaml
 from pipeline.errors import USER_ERRORS, PipelineError
 
 DEFAULT_NAME = "food101-resnet50"
+DEFAULT_EXPERIMENT = "food101"
+UI_WAIT = 90  # seconds for a starting MLflow server to answer /health
 
 
 def _param(section: str, key: str, default: str) -> str:
@@ -119,6 +131,99 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise PipelineError("none of the files is a readable image (jpg, png, webp, ...)")
 
 
+def ui_links(base_url: str, experiment: str, model_name: str) -> dict[str, str]:
+    """The pages to open, in model-training mode: the experiment's runs table (its id looked
+    up in the store) and the registered model."""
+    from pipeline.runs import tracking
+
+    base = base_url.rstrip("/")
+    runs = tracking.runs_page(experiment)
+    return {"runs": f"{base}/{runs or tracking.ui_route('experiments')}",
+            "model": f"{base}/{tracking.model_route(model_name)}",
+            "found": "yes" if runs else ""}
+
+
+def _print_links(links: dict[str, str], experiment: str) -> None:
+    if not links["found"]:
+        print(f"(no experiment {experiment!r} in the store yet: `make run` creates it)")
+    print(f"runs:  {links['runs']}")
+    print(f"model: {links['model']}", flush=True)
+
+
+def _desktop() -> bool:
+    """A browser can be opened: a graphical session exists (a server has none)."""
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def cmd_ui_links(args: argparse.Namespace) -> None:
+    from pipeline.runs import tracking
+
+    uri = tracking.tracking_uri()
+    base = uri if uri.startswith(("http://", "https://")) else f"http://{args.host}:{args.port}"
+    _print_links(ui_links(base, args.experiment, args.name), args.experiment)
+
+
+def _wait_for(url: str, server: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while server.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise PipelineError(f"the MLflow server did not answer {url} within {seconds} s")
+        time.sleep(0.5)
+    raise PipelineError(f"the MLflow server exited ({server.returncode}); see its log above")
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    """Serve the project's store with ``mlflow server`` (one worker, no job runner: it starts
+    in seconds), print the links once it answers, open them where a desktop exists."""
+    from pipeline.runs import tracking
+
+    uri = tracking.tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        print(f"MLFLOW_TRACKING_URI is {uri}: open that server's UI (nothing to start here)")
+        cmd_ui_links(args)
+        return
+    store = Path(uri.removeprefix("sqlite:///")).parent
+    base = f"http://{args.host}:{args.port}"
+    with socket.socket() as probe:
+        if probe.connect_ex((args.host, args.port)) == 0:
+            raise PipelineError(f"something already listens on {args.host}:{args.port} (an "
+                                "MLflow UI started before?): stop it, or choose another port "
+                                "(make ui PORT=5050, python -m pipeline ui --port 5050)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", args.host,
+         "--port", str(args.port), "--backend-store-uri", uri,
+         "--default-artifact-root", str(store / "artifacts")], env=env)
+    # `make ui` is stopped with Ctrl-C (SIGINT) or SIGTERM: both end the server too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        _wait_for(f"{base}/health", server, UI_WAIT)
+        links = ui_links(base, args.experiment, args.name)
+        print(f"MLflow UI on {uri} (Ctrl-C stops it):")
+        _print_links(links, args.experiment)
+        if _desktop() and not args.no_browser:
+            webbrowser.open(links["runs"])
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for stop in (None, server.terminate, server.kill):  # Ctrl-C reached the server too
+            if server.poll() is not None:
+                break
+            if stop:
+                stop()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="champion", help="an alias or a version number")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_predict)
+    for command, func, text in (
+        ("ui", cmd_ui, "serve the project's MLflow store and print (open) the UI's pages"),
+        ("ui-links", cmd_ui_links, "print the UI's pages: runs table, registered model"),
+    ):
+        p = sub.add_parser(command, help=text)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=5000)
+        p.add_argument("--experiment", default=_param("mlflow", "experiment",
+                                                      DEFAULT_EXPERIMENT))
+        if command == "ui":
+            p.add_argument("--no-browser", action="store_true",
+                           help="only print the links (a browser opens where DISPLAY or "
+                                "WAYLAND_DISPLAY is set)")
+        p.set_defaults(func=func)
     return parser
 
 

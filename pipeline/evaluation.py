@@ -44,3 +44,22 @@ def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str])
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """[C,C] counts: rows are true classes, columns predicted."""
     return confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
+
+
+def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """``class``, ``accuracy`` (the share of its test images labelled right: its recall) and
+    ``support``, sorted worst first (ties by class name), for the sorted bar chart."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    support = np.bincount(y_true, minlength=len(classes))
+    right = np.bincount(y_true[y_true == y_pred], minlength=len(classes))
+    acc = np.divide(right, support, out=np.zeros(len(classes)), where=support > 0)
+    frame = pd.DataFrame({"class": classes, "accuracy": acc.round(4), "support": support})
+    return frame.sort_values(["accuracy", "class"], kind="stable").reset_index(drop=True)
+
+
+def worst_predictions(y_true: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
+    """Row indices of the ``k`` test images whose true class got the lowest probability
+    (the most confidently wrong first; ties by row)."""
+    y_true = np.asarray(y_true)
+    p_true = probs[np.arange(len(y_true)), y_true]
+    return np.lexsort((np.arange(len(y_true)), p_true))[:k]

@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_bytes, sha256_file
@@ -46,6 +45,7 @@ from pipeline.model.presets import (
     eval_resize_crop,
     normalize_batch,
 )
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def compute_features(
         pending_d: list[str] = []
         pending_f: list[np.ndarray] = []
         t0 = time.perf_counter()
-        with tqdm(total=len(todo), desc="features", unit="img", mininterval=2) as bar:
+        with progress(len(todo), "features") as bar:
             done = 0
             for pixels in loader:
                 n = len(pixels)

@@ -50,6 +50,9 @@ TRAIN_HISTORY = Path("plots/train_history.csv")
 LEARNING_CURVES = Path("plots/learning_curves.png")
 CONFUSION_CSV = Path("plots/confusion.csv")
 CONFUSION_PNG = Path("plots/confusion_matrix.png")
+PER_CLASS_ACCURACY_CSV = Path("plots/per_class_accuracy.csv")
+PER_CLASS_ACCURACY_PNG = Path("plots/per_class_accuracy.png")
+WORST_PREDICTIONS_PNG = Path("plots/worst_predictions.png")
 PREDICTIONS = Path("predictions/predictions.csv")
 
 
@@ -72,11 +75,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a file is 0644 as usual
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data: dict) -> Path:

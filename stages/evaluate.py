@@ -4,8 +4,9 @@ Inputs: ``reports/run.json``, ``data/manifests/test.csv`` (paths and sha256),
 ``reports/sample.json`` (image root, class order).
 Params: ``registry``, ``train.feature_batch_size``, ``train.num_workers``.
 Outputs: ``metrics/evaluate.json``, ``reports/promotion.json``, ``reports/per_class.csv``,
-``plots/confusion.csv`` (dvc plots, confusion template), ``plots/confusion_matrix.png``.
-All of it also goes to the MLflow run that ``train`` opened.
+``plots/confusion.csv`` (dvc plots, confusion template), ``plots/per_class_accuracy.csv``
+(sorted bars), and the pictures ``plots/{confusion_matrix,per_class_accuracy,
+worst_predictions}.png``. All of it also goes to the MLflow run that ``train`` opened.
 """
 
 from pipeline import handoffs
@@ -26,7 +27,10 @@ def main(params: Params) -> None:
     out.decision.write()
     handoffs.write_csv(handoffs.PER_CLASS_REPORT, out.per_class)
     handoffs.write_csv(handoffs.CONFUSION_CSV, out.confusion)
-    handoffs.atomic_write_bytes(handoffs.CONFUSION_PNG, png_bytes(out.figure))
+    handoffs.write_csv(handoffs.PER_CLASS_ACCURACY_CSV, out.accuracy)
+    handoffs.atomic_write_bytes(handoffs.CONFUSION_PNG, png_bytes(out.figures.confusion))
+    handoffs.atomic_write_bytes(handoffs.PER_CLASS_ACCURACY_PNG, png_bytes(out.figures.per_class))
+    handoffs.atomic_write_bytes(handoffs.WORST_PREDICTIONS_PNG, png_bytes(out.figures.worst))
 
 
 if __name__ == "__main__":

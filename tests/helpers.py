@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -148,8 +153,9 @@ def log_legacy_model(champion, tmp: Path) -> str:
     return info.model_uri
 
 
-# -- a tiny copy of the project for real `dvc repro` runs ----------------------------------------
+# -- the end-to-end tests: a tiny project, and services started, waited for and stopped -----------
 
+# params.yaml overrides for a whole pipeline in seconds (e2e tests on a temporary repository)
 TINY_PROJECT = {
     "data": {"image_size": 32},
     "demo": {"classes": 4, "train_per_class": 20, "test_per_class": 10, "min_side": 40,
@@ -187,8 +193,9 @@ def make_project(repo: Path, params: dict | None = None) -> dict:
     import yaml
 
     values = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, overrides in {**TINY_PROJECT, **(params or {})}.items():
-        values.setdefault(section, {}).update(overrides)
+    for overrides in (TINY_PROJECT, params or {}):
+        for section, section_values in overrides.items():
+            values.setdefault(section, {}).update(section_values)
     (repo / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "FOOD101_FEATURE_CACHE")}
@@ -210,3 +217,49 @@ def ran_stages(output: str) -> set[str]:
     import re
 
     return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def wait_for_http(url: str, proc, seconds: float, what: str) -> None:
+    """Until ``url`` answers 200; fails the test when ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            out = proc.stdout.read()[-4000:] if proc.stdout else ""
+            pytest.fail(f"{what} exited ({proc.returncode}):\n{out}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: no answer from {url} within {seconds} s")
+        time.sleep(0.5)
+
+
+def printed_links(proc, seconds: float) -> dict[str, str]:
+    """The ``runs:`` and ``model:`` links that `make ui` / `python -m pipeline ui` print."""
+    links, seen, deadline = {}, [], time.monotonic() + seconds
+    while "model" not in links and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if m := re.match(r"(runs|model):\s+(\S+)", line):
+            links[m.group(1)] = m.group(2)
+    assert set(links) == {"runs", "model"}, "no links printed:\n" + "".join(seen[-40:])
+    return links
+
+
+def stop_group(proc, sig: int) -> None:
+    """Send ``sig`` to the process group (Ctrl-C is SIGINT to the terminal's group); SIGKILL
+    after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    if proc.stdout:
+        proc.stdout.close()

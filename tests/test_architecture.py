@@ -29,6 +29,7 @@ LAYERS = {
     "pipeline.hashing": 6,
     "pipeline.paths": 6,
     "pipeline.signals": 6,
+    "pipeline.progress": 6,
     "pipeline.config": 7,
     "pipeline.handoffs": 8,
     "pipeline.data.demo": 9,

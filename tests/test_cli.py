@@ -246,3 +246,55 @@ def test_versions_of_a_trained_champion(capsys, champion_store):
     assert f"{c.evaluated.metrics['test_accuracy']:.6f}" in vrows[0]
     assert "promoted" in vrows[0]
     assert c.trained.run.run_id in vrows[0]
+
+
+# -- the MLflow UI's links ----------------------------------------------------------------------
+
+def test_ui_links_open_the_runs_table_and_the_model_in_model_training_mode(capsys, store):
+    from pipeline.runs import tracking
+
+    code, out, _ = cli(capsys, "ui-links", "--port", "5099", "--experiment", "ui-exp")
+    assert code == 0
+    assert "no experiment 'ui-exp' in the store yet" in out
+    assert "runs:  http://127.0.0.1:5099/#/experiments?workflowType=machine_learning" in out
+    exp_id = tracking.ensure_experiment("ui-exp")
+    tracking.describe_experiment(exp_id, NAME)
+    code, out, _ = cli(capsys, "ui-links", "--port", "5099", "--experiment", "ui-exp")
+    assert out.splitlines() == [
+        f"runs:  http://127.0.0.1:5099/#/experiments/{exp_id}/runs?"
+        "workflowType=machine_learning&viewStateShareKey=model-training",
+        f"model: http://127.0.0.1:5099/#/models/{NAME}?workflowType=machine_learning",
+    ]
+
+
+def test_ui_against_a_team_server_starts_nothing(capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr("pipeline.runs.tracking.runs_page", lambda name: None)
+    code, out, _ = cli(capsys, "ui")
+    assert code == 0
+    assert out.startswith("MLFLOW_TRACKING_URI is http://127.0.0.1:9: open that server's UI")
+    assert f"model: http://127.0.0.1:9/#/models/{NAME}?workflowType=machine_learning" in out
+
+
+def test_ui_on_a_busy_port_says_how_to_move_it(capsys, store, monkeypatch, tmp_path):
+    import socket
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)  # the project's own store: mlruns/ here
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, out, err = cli(capsys, "ui", "--port", str(port), "--no-browser")
+    assert code == 2 and out == ""
+    assert f"something already listens on 127.0.0.1:{port}" in err and "PORT=" in err
+
+
+def test_a_browser_opens_only_where_a_desktop_exists(monkeypatch):
+    from pipeline.cli import _desktop
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert not _desktop()  # a server, CI, ssh: print the links only
+    monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")
+    assert _desktop()

@@ -141,3 +141,25 @@ def test_confusion_rows_are_true_columns_predicted():
     np.testing.assert_array_equal(cm, expected)
     assert cm.sum() == len(Y_TRUE)
     np.testing.assert_array_equal(cm.sum(axis=1), [2, 2, 2, 0])  # row sums = support
+
+
+def test_per_class_accuracy_is_each_class_recall_sorted_worst_first():
+    from pipeline.evaluation import per_class_accuracy
+
+    y_true = np.array([0, 0, 1, 1, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 1, 0, 0, 0])
+    table = per_class_accuracy(y_true, y_pred, ["apple_pie", "bibimbap", "churros", "donuts"])
+    assert table.to_dict(orient="list") == {
+        "class": ["churros", "donuts", "apple_pie", "bibimbap"],  # ties by name
+        "accuracy": [0.0, 0.0, 0.5, 0.75],
+        "support": [2, 0, 2, 4],  # a class without test images scores 0, not NaN
+    }
+
+
+def test_worst_predictions_are_the_lowest_true_class_probabilities():
+    from pipeline.evaluation import worst_predictions
+
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.2, 0.8], [0.5, 0.5]])
+    y_true = np.array([0, 0, 1, 0, 1])  # p(true): 0.9, 0.2, 0.4, 0.2, 0.5
+    assert worst_predictions(y_true, probs, 3).tolist() == [1, 3, 2]  # ties by row
+    assert worst_predictions(y_true, probs, 10).tolist() == [1, 3, 2, 4, 0]

@@ -54,7 +54,8 @@ def test_default_paths_are_the_ones_dvc_tracks():
                  handoffs.TRAIN_METRICS,
                  handoffs.EVALUATE_METRICS, handoffs.PREDICT_METRICS, handoffs.TRAIN_HISTORY,
                  handoffs.LEARNING_CURVES, handoffs.CONFUSION_CSV, handoffs.CONFUSION_PNG,
-                 handoffs.PREDICTIONS):
+                 handoffs.PER_CLASS_ACCURACY_CSV, handoffs.PER_CLASS_ACCURACY_PNG,
+                 handoffs.WORST_PREDICTIONS_PNG, handoffs.PREDICTIONS):
         assert path.as_posix() in outs, path
     assert SampleReport.default_path == handoffs.SAMPLE_REPORT
     assert RunRef.default_path == handoffs.RUN_REF
@@ -134,6 +135,9 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         RunRef("new", "new", "models:/m-1").write(target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # as a plain write: not mkstemp's 0600
 
 
 def test_unlabeled_images_are_copied_under_their_neutral_names(tiny_demo, tmp_path):

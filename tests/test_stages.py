@@ -1,8 +1,14 @@
 """The shared stage runner: params checked before any work, user errors as one message."""
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
+from helpers import REPO
 
 from pipeline.handoffs import HandoffError
 from pipeline.model.errors import WeightsError
@@ -59,3 +65,39 @@ def test_torch_threads_use_every_core(tmp_path, monkeypatch):
     run_stage(lambda p: seen.append(torch.get_num_threads()), torch_threads=True)
     gc.unfreeze()  # run_stage froze this test process's objects (stage processes exit)
     assert seen == [max(1, os.cpu_count() or 1)]
+
+
+# -- stages/python: the interpreter of every stage command, found without PATH --------------------
+
+LAUNCHER = REPO / "stages" / "python"
+
+
+def _which_python(cwd, **env) -> str:
+    out = subprocess.run([str(LAUNCHER), "-c", "import sys; print(sys.prefix)"], cwd=cwd,
+                         env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip()
+
+
+def test_every_stage_runs_with_the_project_interpreter():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert {name: s["cmd"] for name, s in stages.items()} == {
+        name: f"stages/python -m stages.{name}" for name in stages}
+    assert os.access(LAUNCHER, os.X_OK)
+    mode = subprocess.run(["git", "ls-files", "-s", "stages/python"], cwd=REPO,
+                          capture_output=True, text=True).stdout.split()
+    assert not mode or mode[0] == "100755"  # executable in every clone (once committed)
+
+
+def test_launcher_finds_the_venv_without_path_also_in_temp_experiments(tmp_path):
+    venv = Path(sys.prefix)
+    repo = tmp_path / "repo"
+    temp_ws = repo / ".dvc" / "tmp" / "exps" / "tmpab12"
+    temp_ws.mkdir(parents=True)
+    # a shell that never activated the venv: PATH has no venv, yet the stage gets it
+    assert _which_python(repo) != str(venv)
+    (repo / ".venv").symlink_to(venv)
+    assert _which_python(repo) == str(repo / ".venv")
+    assert _which_python(temp_ws) == str(repo / ".venv")  # `dvc exp run --temp`
+    # an activated venv wins (as `python` on its PATH would)
+    assert _which_python(tmp_path, VIRTUAL_ENV=str(venv)) == str(venv)

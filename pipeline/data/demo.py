@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from pipeline.progress import progress
+
 log = logging.getLogger(__name__)
 
 # Hue families (centre hue in [0, 1)); every family is used by several classes.
@@ -374,15 +376,22 @@ def generate_demo(
             for ci in range(classes)
             for chunk in _chunks(train_ids + test_ids)
         ]
-        if workers == 1:
-            image_total = sum(map(_write_chunk, tasks))
-        else:
-            # fork where available: no re-import of the caller's __main__ (works from scripts
-            # without a main guard); the workers only use NumPy and Pillow.
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                image_total = sum(pool.map(_write_chunk, tasks))
+        image_total = 0
+        with progress(classes * len(train_ids + test_ids), "demo images") as bar:
+            if workers == 1:
+                for task in tasks:
+                    image_total += _write_chunk(task)
+                    bar.update(len(task[3]))
+            else:
+                # fork where available: no re-import of the caller's __main__ (works from
+                # scripts without a main guard); the workers only use NumPy and Pillow.
+                methods = multiprocessing.get_all_start_methods()
+                ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                    for task, written in zip(tasks, pool.map(_write_chunk, tasks),
+                                             strict=True):
+                        image_total += written
+                        bar.update(len(task[3]))
 
         ordered = sorted(recipes, key=lambda r: r.name)
         meta = {

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from pipeline.config import SampleConfig, SplitConfig
 from pipeline.errors import PipelineError
@@ -22,6 +22,7 @@ from pipeline.handoffs import Manifest, SampleReport, SkippedFile, UnlabeledKey
 from pipeline.hashing import sha256_bytes
 from pipeline.model.errors import ImageDecodeError
 from pipeline.model.imaging import load_image
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Checker:
     skipped: list[SkippedFile] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)
     checked: int = 0
-    _bar: tqdm | None = None
+    _bar: Any = None  # the progress bar of the draw, while it runs
 
     def __call__(self, rel: str, split: str) -> bool:
         self.checked += 1
@@ -182,7 +183,7 @@ def draw_sample(
     test_list = index[index["split"] == "test"]
     check = Checker(root, image_size)
     total = cfg.size + cfg.test_size + cfg.unlabeled_size
-    with tqdm(total=total, desc="decode+check", unit="img", mininterval=2) as bar:
+    with progress(total, "decode+check") as bar:
         check._bar = bar
         sample = draw_stratified(
             train_list, cfg.size, classes, rng, lambda p: check(p, "train"), "sample.size"

@@ -14,14 +14,29 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline.config import RegistryConfig, TrainConfig
-from pipeline.evaluation import classification_metrics, confusion, per_class_report
+from pipeline.evaluation import (
+    classification_metrics,
+    confusion,
+    per_class_accuracy,
+    per_class_report,
+    worst_predictions,
+)
 from pipeline.features import score_manifest
 from pipeline.handoffs import Manifest, Promotion, RunRef
+from pipeline.model.imaging import load_image
 from pipeline.model.pyfunc import load_network
-from pipeline.plots import DPI, confusion_figure
+from pipeline.plots import (
+    DPI,
+    Misclassified,
+    confusion_figure,
+    per_class_accuracy_figure,
+    worst_predictions_figure,
+)
 from pipeline.runs import registry, tracking
 
 log = logging.getLogger(__name__)
+
+WORST_IMAGES = 16  # test images in the grid of the worst-classified ones
 
 
 @dataclass(frozen=True)
@@ -32,12 +47,40 @@ class TestData:
 
 
 @dataclass(frozen=True)
+class EvalFigures:
+    """The pictures of the test set (also logged to the run under ``evaluation/``)."""
+
+    confusion: Figure  # confusion matrix, class names on both axes
+    per_class: Figure  # per-class accuracy, sorted bars
+    worst: Figure  # the worst-classified test images with true and predicted labels
+
+
+@dataclass(frozen=True)
 class EvalOutputs:
     metrics: dict  # test_accuracy, test_top5_accuracy, test_macro_f1
     per_class: pd.DataFrame  # class, precision, recall, f1, support
     confusion: pd.DataFrame  # one row per test image: actual, predicted (for dvc plots)
+    accuracy: pd.DataFrame  # class, accuracy, support: worst first (for dvc plots)
     decision: Promotion
-    figure: Figure  # the confusion matrix (also logged to the run)
+    figures: EvalFigures
+
+
+def draw_figures(data: TestData, y_true: np.ndarray, probs: np.ndarray, cm: np.ndarray,
+                 accuracy: pd.DataFrame, test_accuracy: float) -> EvalFigures:
+    """The confusion matrix, per-class accuracy and worst-classified images of a test set."""
+    classes, y_pred = list(data.classes), probs.argmax(1)
+    paths = data.test.frame["path"].tolist()
+    worst = [
+        Misclassified(load_image(data.root / paths[i]), classes[y_true[i]], classes[y_pred[i]],
+                      float(probs[i, y_pred[i]]), float(probs[i, y_true[i]]))
+        for i in worst_predictions(y_true, probs, WORST_IMAGES)
+    ]
+    return EvalFigures(
+        confusion_figure(cm, classes,
+                         f"Confusion matrix, test set (accuracy {test_accuracy:.3f})"),
+        per_class_accuracy_figure(accuracy, test_accuracy),
+        worst_predictions_figure(worst),
+    )
 
 
 def labels_accuracy(labels: list[str], truth: list[str]) -> float:
@@ -52,7 +95,8 @@ def champion_scorer(root: Path, test: pd.DataFrame, batch_size: int) -> Callable
     paths = [root / p for p in test["path"]]
 
     def score(model_uri: str) -> float:
-        labels = registry.predict_files(model_uri, paths, batch_size)["label"]
+        labels = registry.predict_files(model_uri, paths, batch_size,
+                                        desc="re-score champion")["label"]
         return labels_accuracy(labels.tolist(), test["label"].tolist())
 
     return score
@@ -86,11 +130,13 @@ def evaluate_and_log(
         metrics = classification_metrics(y_true, probs)
         per_class = per_class_report(y_true, y_pred, classes)
         cm = confusion(y_true, y_pred, len(classes))
+        accuracy = per_class_accuracy(y_true, y_pred, classes)
         digest = tracking.log_manifest(data.test, "test", "testing")
         tracking.log_metrics(metrics)
-        figure = confusion_figure(
-            cm, classes, f"Confusion matrix, test set (accuracy {metrics['test_accuracy']:.3f})")
-        tracking.log_figure(figure, "evaluation/confusion_matrix.png", DPI)
+        figures = draw_figures(data, y_true, probs, cm, accuracy, metrics["test_accuracy"])
+        tracking.log_figure(figures.confusion, "evaluation/confusion_matrix.png", DPI)
+        tracking.log_figure(figures.per_class, "evaluation/per_class_accuracy.png", DPI)
+        tracking.log_figure(figures.worst, "evaluation/worst_predictions.png", DPI)
         tracking.log_text(per_class.to_csv(index=False), "evaluation/per_class_report.csv")
         tracking.log_text(pd.DataFrame(cm, index=classes, columns=classes).to_csv(),
                           "evaluation/confusion_matrix.csv")
@@ -110,6 +156,12 @@ def evaluate_and_log(
         tracking.set_tags({"registered_version": version,
                            "promotion": "promoted" if decision.promoted else "rejected"})
         tracking.log_dict(decision.as_dict(), "evaluation/promotion.json")
+        # The descriptions people read in the UI: the run's, the version's, the model's.
+        tracking.set_run_note_section("Evaluation and promotion", registry.run_section(
+            name, version, metrics, data.test.path, len(df), decision))
+        registry.describe(name, version, registry.version_note(
+            metrics, data.test.path, len(df), digest, run.run_name,
+            tracking.run_route(tracking.active_experiment_id(), run_id), decision))
     confusion_rows = pd.DataFrame({"actual": [classes[i] for i in y_true],
                                    "predicted": [classes[i] for i in y_pred]})
-    return EvalOutputs(metrics, per_class, confusion_rows, decision, figure)
+    return EvalOutputs(metrics, per_class, confusion_rows, accuracy, decision, figures)

@@ -84,6 +84,15 @@ def train_and_log(
             "resolved.val_images": len(val_df),
         }
         tracking.log_params(resolved)
+        # The descriptions people read in the UI: the experiment's and this run's.
+        tracking.describe_experiment(tracking.active_experiment_id(),
+                                     str(run.params.get("registry.model_name")))
+        tracking.set_run_note(tracking.run_note(run.params, tracking.committed_params(), {
+            "data": f"{len(train_df)} train / {len(val_df)} validation images of "
+                    f"{len(data.classes)} classes",
+            "backbone weights": result.weights_used,
+            "training": f"{result.path}, precision {result.precision}",
+        }))
         if result.feature_stats:  # an artifact, not metrics: keeps the metric charts clean
             tracking.log_dict(result.feature_stats, "training/feature_cache.json")
         history = pd.DataFrame(result.history)[["epoch", *SCORES]]

@@ -35,6 +35,7 @@ from pipeline import signals
 from pipeline.errors import PipelineError
 from pipeline.handoffs import ChampionRef, Promotion
 from pipeline.paths import project_root
+from pipeline.progress import progress
 from pipeline.runs import tracking
 
 log = logging.getLogger(__name__)
@@ -475,7 +476,12 @@ mlflow.set_tracking_uri(spec["tracking_uri"])
 mlflow.set_registry_uri(spec["tracking_uri"])
 model = mlflow.pyfunc.load_model(spec["model_uri"], suppress_warnings=True)
 params = spec["params"] if model.metadata.get_params_schema() is not None else None
-out = model.predict(pd.DataFrame({"path": spec["paths"]}), params=params)
+paths, step = spec["paths"], spec["chunk"]
+parts = []
+for k in range(0, max(len(paths), 1), step):  # one line "<done>" per chunk: the progress
+    parts.append(model.predict(pd.DataFrame({"path": paths[k:k + step]}), params=params))
+    print(min(k + step, len(paths)), flush=True)
+out = pd.concat(parts, ignore_index=True)
 with open(spec["out"], "w") as fh:
     json.dump(out.to_dict(orient="list"), fh)
 import os
@@ -483,9 +489,11 @@ os._exit(0)  # skips tearing down torch and MLflow (~1.5 s); the output is close
 """
 
 
-def predict_files(model_uri: str, paths: Sequence[Path], batch_size: int = 16) -> pd.DataFrame:
+def predict_files(model_uri: str, paths: Sequence[Path], batch_size: int = 16,
+                  desc: str = "predict") -> pd.DataFrame:
     """The model's predictions (label, confidence, top5) for image files, computed in a fresh
-    process by the code the model carries (also for versions logged by older code)."""
+    process by the code the model carries (also for versions logged by older code), with a
+    progress bar named ``desc``."""
     store = tracking.configure()
     with tempfile.TemporaryDirectory(prefix="food101-predict-") as tmp:
         out = Path(tmp) / "predictions.json"
@@ -493,12 +501,23 @@ def predict_files(model_uri: str, paths: Sequence[Path], batch_size: int = 16) -
             "tracking_uri": store, "model_uri": model_uri, "out": str(out),
             "paths": [str(Path(p).resolve()) for p in paths],
             "params": {"batch_size": batch_size}, "threads": os.cpu_count() or 1,
+            "chunk": batch_size * 8,  # whole inference batches: the same numbers as one call
         }
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        proc = subprocess.run([sys.executable, "-I", "-c", _RUN_MODEL], input=json.dumps(spec),
-                              cwd=tmp, env=env, capture_output=True, text=True)
+        with open(Path(tmp) / "stderr.txt", "w+") as err, progress(len(paths), desc) as bar:
+            proc = subprocess.Popen([sys.executable, "-I", "-c", _RUN_MODEL], cwd=tmp, env=env,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                    text=True)
+            proc.stdin.write(json.dumps(spec))
+            proc.stdin.close()
+            for line in proc.stdout:  # the child prints how many images are done
+                if line.strip().isdigit():
+                    bar.update(int(line) - bar.n)
+            proc.wait()
+            err.seek(0)
+            stderr = err.read()
         if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
+            tail = "\n".join(stderr.strip().splitlines()[-12:])
             raise RegistryError(
                 f"running {model_uri} (from {tracking.display_uri(store)}) in a fresh "
                 f"process failed "
@@ -512,3 +531,57 @@ def champion_ref(name: str, ref: str) -> ChampionRef:
     mv = lookup(name, ref)
     return ChampionRef(model_name=name, ref=str(ref), version=str(mv.version),
                        run_id=mv.run_id or "")
+
+
+# -- descriptions people read in the UI ----------------------------------------------------
+
+
+def model_note(name: str) -> str:
+    """The registered model's description: how to load it and what the aliases mean."""
+    return (
+        f"Food-101 ResNet50 transfer learning. Load the champion with "
+        f"`mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`: it takes raw images (a "
+        "DataFrame column `image` of bytes, or `path`) and returns `label`, `confidence` and "
+        "`top5`; its preprocessing, class names and code travel with it.\n\n"
+        f"Aliases: `{CHAMPION}` (what consumers load), `{CHALLENGER}` (the newest evaluated "
+        f"version), `{PREVIOUS}` (what `python -m pipeline rollback` restores). Each version's "
+        "description holds its test metrics, test manifest, run and promotion decision."
+    )
+
+
+def version_note(metrics: dict, test_manifest: str, test_images: int, manifest_sha256: str,
+                 run_name: str, run_link: str, decision: Promotion | None) -> str:
+    """A version's description: test accuracy, top-5, macro-F1, the test manifest, the run
+    (a link into the UI), and the promotion decision."""
+    text = (  # plain first line: the model page's versions table shows it as text
+        f"test_accuracy {metrics['test_accuracy']:.4f} · "
+        f"test_top5_accuracy {metrics['test_top5_accuracy']:.4f} · "
+        f"test_macro_f1 {metrics['test_macro_f1']:.4f}\n\n"
+        f"Test manifest `{test_manifest}` ({test_images} images, sha256 "
+        f"`{manifest_sha256[:12]}`). Run [{run_name}]({run_link}).")
+    if decision is not None:
+        verdict = "promoted to champion" if decision.promoted else "not promoted"
+        text += f"\n\n**{verdict}**: {decision.reason}."
+    return text
+
+
+def describe(name: str, version: str, text: str) -> None:
+    """Set the descriptions of version ``version`` and of the registered model."""
+    c = client()
+    tracking.store_call(f"describe version {version} of {name!r}", c.update_model_version,
+                        name, str(version), description=text)
+    tracking.store_call(f"describe {name!r}", c.update_registered_model, name,
+                        description=model_note(name))
+
+
+def run_section(name: str, version: str, metrics: dict, test_manifest: str, test_images: int,
+                decision: Promotion) -> str:
+    """The evaluation part of a run's description: its registry version and the decision."""
+    verdict = "promoted to champion" if decision.promoted else "not promoted"
+    link = tracking.version_route(name, version)
+    return (
+        f"Registered as [{name} v{version}]({link}): **{verdict}** ({decision.reason}).\n\n"
+        f"test_accuracy **{metrics['test_accuracy']:.4f}** · test_top5_accuracy "
+        f"{metrics['test_top5_accuracy']:.4f} · test_macro_f1 {metrics['test_macro_f1']:.4f} "
+        f"on `{test_manifest}` ({test_images} images)."
+    )

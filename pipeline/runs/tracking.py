@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -470,3 +471,156 @@ def download_model(model_uri: str, dst: Path) -> Path:
     configure()
     return Path(store_call(f"download {model_uri}", mlflow.artifacts.download_artifacts,
                            artifact_uri=model_uri, dst_path=str(dst)))
+
+
+# -- the UI: links into it, the runs-table view they open, and the descriptions people read ---
+
+# MLflow's own description field of experiments and runs (markdown, shown by the UI).
+NOTE = "mlflow.note.content"
+# MLflow 3's UI opens in its GenAI mode (traces) unless the URL asks for model training.
+UI_MODE = "workflowType=machine_learning"
+# A runs-table view stored in the experiment (the UI's own "shared view", an experiment tag):
+# the test metrics as the first columns, best first, instead of datasets and sources that
+# push every metric off screen.
+RUNS_VIEW = "model-training"
+VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"
+VIEW_METRICS = ("test_accuracy", "test_top5_accuracy", "test_macro_f1", "val_accuracy")
+PICTURES = ("training/learning_curves.png", "evaluation/confusion_matrix.png",
+            "evaluation/per_class_accuracy.png", "evaluation/worst_predictions.png")
+
+
+def ui_route(route: str) -> str:
+    """``#/<route>?workflowType=machine_learning``: a page of the MLflow UI in model-training
+    mode, relative to the server's address (so links in descriptions work on any host)."""
+    sep = "&" if "?" in route else "?"
+    return f"#/{route.lstrip('/')}{sep}{UI_MODE}"
+
+
+def runs_route(exp_id: str, view: bool = True) -> str:
+    """The experiment's runs table; ``view``: in the stored view (see :data:`RUNS_VIEW`)."""
+    route = ui_route(f"experiments/{exp_id}/runs")
+    return f"{route}&viewStateShareKey={RUNS_VIEW}" if view else route
+
+
+def run_route(exp_id: str, run_id: str) -> str:
+    return ui_route(f"experiments/{exp_id}/runs/{run_id}")
+
+
+def model_route(model_name: str) -> str:
+    return ui_route(f"models/{quote(model_name, safe='')}")
+
+
+def version_route(model_name: str, version: str) -> str:
+    return ui_route(f"models/{quote(model_name, safe='')}/versions/{version}")
+
+
+def compare_route(exp_id: str, run_ids: list[str]) -> str:
+    return ui_route(f"compare-runs?runs={quote(json.dumps(run_ids))}"
+                    f"&experiments={quote(json.dumps([exp_id]))}")
+
+
+def runs_page(experiment: str) -> str | None:
+    """The route of ``experiment``'s runs table (in the stored view when the experiment has
+    it), or None when the store has no such experiment yet."""
+    configure()
+    exp = store_call(f"read experiment {experiment!r}", mlflow.get_experiment_by_name,
+                     experiment)
+    if exp is None:
+        return None
+    return runs_route(exp.experiment_id, view=VIEW_TAG in exp.tags)
+
+
+def runs_view_state() -> dict:
+    """The stored runs-table view: sorted by test accuracy, the test metrics first."""
+    metrics = [f"metrics.`{m}`" for m in VIEW_METRICS]
+    return {"orderByKey": metrics[0], "orderByAsc": False, "selectedColumns": metrics}
+
+
+def experiment_note(experiment: str, exp_id: str, model_name: str) -> str:
+    """The experiment's description: what it is, how to compare runs, where the champion is."""
+    pictures = ", ".join(f"`{p}`" for p in PICTURES)
+    return (
+        f"**{experiment}**: transfer learning of a torchvision ResNet50 on Food-101-style "
+        "photos, one run per execution of the DVC pipeline (prepare → sample → split → train "
+        "→ evaluate → predict). Each run is named after what differs from the committed "
+        "`params.yaml` (`baseline` when nothing does); its description says what differs "
+        "and the registry's decision.\n\n"
+        f"**Compare runs:** the view [{RUNS_VIEW}]({runs_route(exp_id)}) sorts the table "
+        "by `test_accuracy` with the test metrics first; tick two or more runs and press "
+        "*Compare* for params, metrics and per-epoch curves side by side. Each run's "
+        f"artifacts hold the pictures {pictures}, and the logged model.\n\n"
+        f"**Champion:** the registered model [{model_name}]({model_route(model_name)}), "
+        f"alias `champion` (load `models:/{model_name}@champion`). Every evaluated run "
+        "becomes a version with alias `challenger`; it is promoted when it beats the "
+        "champion's test accuracy on the same test manifest. `python -m pipeline versions` "
+        "lists them."
+    )
+
+
+def describe_experiment(exp_id: str, model_name: str) -> None:
+    """Set the experiment's description and its runs-table view (experiment tags)."""
+    c = client()
+    exp = store_call(f"read experiment {exp_id}", c.get_experiment, exp_id)
+    note = experiment_note(exp.name, exp_id, model_name)
+    store_call("describe the experiment", c.set_experiment_tag, exp_id, NOTE, note)
+    store_call("store the runs-table view", c.set_experiment_tag, exp_id, VIEW_TAG,
+               json.dumps(runs_view_state()))
+
+
+def active_experiment_id() -> str:
+    """The experiment of the active run."""
+    return mlflow.active_run().info.experiment_id
+
+
+def baseline_diff(current: dict, baseline: dict | None) -> list[tuple[str, object, object]]:
+    """``(key, committed value, this run's value)`` for every param that differs from the
+    committed params.yaml (a key the baseline lacks has ``None`` there)."""
+    if baseline is None:
+        return []
+    return [(k, baseline.get(k), current[k]) for k in sorted(current)
+            if k not in baseline or baseline[k] != current[k]]
+
+
+def run_note(current: dict, baseline: dict | None, facts: dict[str, object]) -> str:
+    """A run's description (markdown): what differs from the committed baseline, then
+    ``facts`` (data, resolved values) as a list."""
+    git = git_tags()
+    if git["git_commit"] == "unknown":
+        where = "the committed `params.yaml` (no git repository here)"
+    else:
+        dirty = ", with uncommitted changes" if git["git_dirty"] == "true" else ""
+        where = f"`params.yaml` at git commit `{git['git_commit'][:10]}`{dirty}"
+    if baseline is None:
+        head = f"**What differs from the baseline:** unknown: {where} could not be read."
+    elif diff := baseline_diff(current, baseline):
+        rows = "\n".join(f"| `{k}` | {_cell(old)} | **{_cell(new)}** |" for k, old, new in diff)
+        head = (f"**What differs from the committed baseline** ({where}):\n\n"
+                f"| param | baseline | this run |\n| --- | --- | --- |\n{rows}")
+    else:
+        head = f"**The committed baseline:** no param differs from {where}."
+    if os.environ.get("DVC_EXP_NAME"):
+        head += f"\n\nDVC experiment `{os.environ['DVC_EXP_NAME']}`."
+    lines = "\n".join(f"- {k}: {v}" for k, v in facts.items())
+    return f"{head}\n\n{lines}" if facts else head
+
+
+def _cell(value: object) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text.replace("|", "\\|")
+
+
+def set_run_note(text: str) -> None:
+    """Set the active run's description."""
+    store_call("describe the run", mlflow.set_tag, NOTE, text)
+
+
+def set_run_note_section(heading: str, text: str) -> None:
+    """Add the section ``### <heading>`` to the active run's description, or replace it when
+    the stage runs again."""
+    run = mlflow.active_run()
+    note = (store_call("read the run's description", mlflow.get_run, run.info.run_id)
+            .data.tags.get(NOTE, "") if run else "")
+    head, *sections = note.split("\n\n### ")
+    sections = [s for s in sections if not s.startswith(f"{heading}\n")]
+    store_call("describe the run", mlflow.set_tag, NOTE,
+               "\n\n### ".join([head, *sections, f"{heading}\n{text}"]))

@@ -25,7 +25,19 @@ def test_metrics_are_against_the_true_labels(champion_store):
     assert ev.metrics["test_top5_accuracy"] >= ev.metrics["test_accuracy"]
     assert ev.per_class["class"].tolist() == list(c.data.classes)
     assert ev.per_class["support"].sum() == len(test)
-    assert ev.figure.axes
+    # per-class accuracy (the bar chart's data): each class's recall, worst first
+    recall = dict(zip(ev.per_class["class"], ev.per_class["recall"], strict=True))
+    assert sorted(ev.accuracy["class"]) == sorted(c.data.classes)
+    assert ev.accuracy["accuracy"].is_monotonic_increasing
+    for row in ev.accuracy.itertuples():
+        assert row.accuracy == pytest.approx(recall[row._1], abs=1e-4)
+    figs = ev.figures
+    assert [t.get_text() for t in figs.confusion.axes[0].get_xticklabels()] == list(c.data.classes)
+    assert [t.get_text() for t in figs.per_class.axes[0].get_yticklabels()] == \
+        ev.accuracy["class"].tolist()
+    captions = [ax.get_title() for ax in figs.worst.axes if ax.get_title()]
+    assert len(captions) == min(16, len(test))  # the grid of the worst-classified images
+    assert all(t.startswith("true: ") and "\npred: " in t for t in captions)
 
 
 def test_the_training_run_holds_the_evaluation(champion_store, tmp_path):
@@ -40,7 +52,12 @@ def test_the_training_run_holds_the_evaluation(champion_store, tmp_path):
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/per_class_report.csv",
-            "evaluation/confusion_matrix.csv", "evaluation/promotion.json"} <= artifacts
+            "evaluation/confusion_matrix.csv", "evaluation/promotion.json",
+            "evaluation/per_class_accuracy.png", "evaluation/worst_predictions.png"} <= artifacts
+    pictures = {a.path for folder in ("training", "evaluation")
+                for a in client.list_artifacts(run_id, folder) if a.path.endswith(".png")}
+    assert pictures == {"training/learning_curves.png", "evaluation/confusion_matrix.png",
+                        "evaluation/per_class_accuracy.png", "evaluation/worst_predictions.png"}
     local = Path(client.download_artifacts(run_id, "evaluation", str(tmp_path)))
     assert (local / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pd.read_csv(local / "per_class_report.csv")["class"].tolist() == list(c.data.classes)
@@ -61,6 +78,33 @@ def test_registered_as_the_first_champion(champion_store):
     assert mv.tags["test_accuracy"] == f"{c.evaluated.metrics['test_accuracy']:.6f}"
     assert mv.tags["test_manifest_sha256"] == c.data.test.sha256
     assert mv.tags["promotion"] == "promoted"
+
+
+def test_descriptions_of_the_run_the_version_and_the_model(champion_store):
+    """What people read in the UI: MLflow's own description fields, not only tags."""
+    c = champion_store
+    run_id, metrics = c.trained.run.run_id, c.evaluated.metrics
+    run = mlflow.get_run(run_id)
+    note = run.data.tags["mlflow.note.content"]
+    evaluation = note.split("### Evaluation and promotion\n")[1]
+    assert f"[{c.name} v1](#/models/{c.name}/versions/1?workflowType=machine_learning)" \
+        in evaluation
+    assert "**promoted to champion** (no champion yet)" in evaluation
+    assert f"test_accuracy **{metrics['test_accuracy']:.4f}**" in evaluation
+    assert note.startswith("**What differs from the committed baseline**")  # train's part kept
+
+    mv = registry.get_version(c.name, 1)
+    exp_id = run.info.experiment_id
+    assert mv.description.startswith(f"test_accuracy {metrics['test_accuracy']:.4f} · "
+                                     f"test_top5_accuracy {metrics['test_top5_accuracy']:.4f} · "
+                                     f"test_macro_f1 {metrics['test_macro_f1']:.4f}")
+    assert f"`{c.data.test.path}` ({len(c.data.test.frame)} images" in mv.description
+    assert c.data.test.sha256[:12] in mv.description
+    link = f"(#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning)"
+    assert f"Run [{c.trained.run.run_name}]{link}" in mv.description
+    assert "**promoted to champion**: no champion yet." in mv.description
+    model = mlflow.MlflowClient().get_registered_model(c.name)
+    assert f"models:/{c.name}@champion" in model.description
 
 
 def test_labels_accuracy_compares_with_the_truth():

@@ -65,3 +65,24 @@ def test_history_and_curves_are_returned_for_the_stage(champion_store):
     out = champion_store.trained
     assert isinstance(out.history, pd.DataFrame) and len(out.history) == 2
     assert out.curves.axes  # a matplotlib figure the stage writes as PNG
+
+
+def test_the_run_and_the_experiment_describe_themselves(champion_store):
+    """The run's description says what differs from the committed params.yaml; the
+    experiment's says what it is, how to compare runs and where the champion is, and it
+    stores the runs-table view that the links open."""
+    c = champion_store
+    run = mlflow.get_run(c.trained.run.run_id)
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("**What differs from the committed baseline** (`params.yaml` at git")
+    assert "| `data.image_size` | 128 | **32** |" in note  # tiny params vs the committed ones
+    assert "| `train.lr` |" not in note  # unchanged params are not listed
+    assert f"- data: {len(c.data.train.frame)} train / {len(c.data.val.frame)} validation " \
+        "images of 4 classes" in note
+    exp = mlflow.MlflowClient().get_experiment(run.info.experiment_id)
+    text = exp.tags["mlflow.note.content"]
+    assert "**Compare runs:**" in text and "**Champion:**" in text
+    assert f"[{c.name}](#/models/{c.name}?workflowType=machine_learning)" in text
+    view = json.loads(exp.tags["mlflow.sharedViewState.model-training"])
+    assert view["selectedColumns"][0] == "metrics.`test_accuracy`"
+    assert view["orderByKey"] == "metrics.`test_accuracy`" and view["orderByAsc"] is False

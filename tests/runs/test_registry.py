@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import log_echo_model
 
+from pipeline.handoffs import Promotion
 from pipeline.runs import registry
 from pipeline.runs.registry import RegistryError
 
@@ -469,3 +470,20 @@ def test_credentials_are_not_shown():
     assert tracking.display_uri("http://ana:s3cret@host:5005/x") == "http://host:5005/x"
     assert tracking.display_uri("sqlite:////abs/mlruns/mlflow.db") == (
         "sqlite:////abs/mlruns/mlflow.db")
+
+
+def test_version_note_has_the_metrics_the_manifest_the_run_and_the_decision():
+    metrics = {"test_accuracy": 0.61234, "test_top5_accuracy": 0.9, "test_macro_f1": 0.6}
+    decision = Promotion(model_name="m", version="3", test_accuracy=0.61234,
+                         test_manifest_sha256="ab" * 32, min_delta=0.0, champion_version="2",
+                         champion_test_accuracy=0.6, decided_at="", promoted=True,
+                         reason="test_accuracy 0.6123 beats champion v2's 0.6000",
+                         run_id="r")
+    text = registry.version_note(metrics, "data/manifests/test.csv", 1000, "ab" * 32,
+                                 "lr=0.01", "#/experiments/1/runs/r", decision)
+    assert text.splitlines()[0] == ("test_accuracy 0.6123 · test_top5_accuracy 0.9000 · "
+                                    "test_macro_f1 0.6000")
+    assert "`data/manifests/test.csv` (1000 images, sha256 `abababababab`)" in text
+    assert "Run [lr=0.01](#/experiments/1/runs/r)." in text
+    assert text.endswith("**promoted to champion**: test_accuracy 0.6123 beats champion "
+                         "v2's 0.6000.")

@@ -1,6 +1,7 @@
 """Run plumbing: where the store is (also inside DVC experiment workspaces), what a run is
 called and tagged with, and runs logged and resumed in a real store."""
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -94,3 +95,53 @@ def test_a_failing_run_is_marked_failed(mlflow_store):
         with tracking.start_run(spec) as run_id:
             raise RuntimeError("boom")
     assert mlflow.get_run(run_id).info.status == "FAILED"
+
+
+def test_ui_routes_open_model_training_mode():
+    assert tracking.runs_route("3") == ("#/experiments/3/runs?workflowType=machine_learning"
+                                        "&viewStateShareKey=model-training")
+    assert tracking.runs_route("3", view=False) == \
+        "#/experiments/3/runs?workflowType=machine_learning"
+    assert tracking.run_route("3", "abc") == \
+        "#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert tracking.model_route("food101 resnet") == \
+        "#/models/food101%20resnet?workflowType=machine_learning"
+    assert tracking.version_route("m", "2") == "#/models/m/versions/2?workflowType=machine_learning"
+    assert tracking.compare_route("3", ["a", "b"]) == (
+        "#/compare-runs?runs=%5B%22a%22%2C%20%22b%22%5D&experiments=%5B%223%22%5D"
+        "&workflowType=machine_learning")
+
+
+def test_runs_page_uses_the_stored_view_once_the_experiment_has_it(mlflow_store):
+    assert tracking.runs_page("nowhere") is None
+    exp_id = tracking.ensure_experiment("ui")
+    assert tracking.runs_page("ui") == tracking.runs_route(exp_id, view=False)
+    tracking.describe_experiment(exp_id, "a-model")
+    assert tracking.runs_page("ui") == tracking.runs_route(exp_id)
+    tags = mlflow.MlflowClient().get_experiment(exp_id).tags
+    assert json.loads(tags[tracking.VIEW_TAG]) == tracking.runs_view_state()
+    assert tracking.runs_route(exp_id) in tags[tracking.NOTE]  # "Compare runs" links the view
+
+
+def test_run_note_lists_what_differs_from_the_committed_baseline():
+    base = {"train.lr": 0.003, "sample.classes": "all", "train.epochs": 1}
+    now = {**base, "train.lr": 0.01, "sample.classes": ["a|b", "c"], "model.new": 1}
+    assert tracking.baseline_diff(now, base) == [
+        ("model.new", None, 1), ("sample.classes", "all", ["a|b", "c"]),
+        ("train.lr", 0.003, 0.01)]
+    note = tracking.run_note(now, base, {"data": "4 images"})
+    assert "| `train.lr` | 0.003 | **0.01** |" in note
+    assert '| `sample.classes` | all | **["a\\|b", "c"]** |' in note  # a pipe cannot split a cell
+    assert note.endswith("\n\n- data: 4 images")
+    assert "no param differs" in tracking.run_note(base, base, {})
+    assert "unknown" in tracking.run_note(base, None, {})
+
+
+def test_run_note_sections_are_replaced_not_repeated(mlflow_store):
+    with tracking.start_run(tracking.RunSpec("tests", "notes", {}, {})) as run_id:
+        tracking.set_run_note("head")
+        tracking.set_run_note_section("Evaluation", "first")
+        tracking.set_run_note_section("Predict", "p")
+        tracking.set_run_note_section("Evaluation", "second")
+    note = mlflow.get_run(run_id).data.tags[tracking.NOTE]
+    assert note == "head\n\n### Predict\np\n\n### Evaluation\nsecond"
