@@ -58,6 +58,8 @@ HOST        ?= 127.0.0.1
 server: $(STAMP)
 	$(PY) -m pipeline.team start --data $(TEAM_DIR) --host $(HOST) --port $(SERVER_PORT) \
 	  $(if $(filter 1 yes true,$(AUTH)),--auth)
+	@-MLFLOW_TRACKING_URI=http://$(if $(filter 0.0.0.0,$(HOST)),127.0.0.1,$(HOST)):$(SERVER_PORT) \
+	  $(PY) -m pipeline ui-links 2>/dev/null
 
 server-stop: $(STAMP)
 	$(PY) -m pipeline.team stop --data $(TEAM_DIR)
