@@ -1,21 +1,13 @@
-"""Inference: the CPU precision policy, the folded backbone and batch inference from bytes."""
+"""Inference: the folded backbone and batch inference from bytes (the device and precision
+policy is in test_devices.py)."""
 
 import numpy as np
 import torch
 
-import pipeline.model.inference as inference
 from pipeline.model.inference import Classifier, extract_features, inference_backbone
 from pipeline.model.network import HeadSpec, build_model
 from pipeline.model.presets import eval_transform
 from pipeline.model.weights import build_backbone
-
-
-def test_precision_policy(monkeypatch):
-    monkeypatch.setattr(inference, "bf16_supported", lambda: False)
-    assert inference.resolve_precision("auto") == "fp32"
-    monkeypatch.setattr(inference, "bf16_supported", lambda: True)
-    assert inference.resolve_precision("auto") == "bf16"
-    assert inference.resolve_precision("fp32") == "fp32"
 
 
 def test_folded_backbone_matches_eager_and_leaves_the_original_alone():
