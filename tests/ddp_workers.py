@@ -23,7 +23,19 @@ def collectives(group, out: str) -> None:
     empty = group.all_gather_rows(np.zeros((0, 0), np.float32) if group.rank == 0 else rows)
     import torch
 
+    from pipeline.distributed import GlobalBatchNorm, GlobalDropout
+
+    # BatchNorm over the global batch: each rank normalises its rows (r, r+2, ...) of one
+    # batch with the statistics of all of them; dropout keeps its rows of the global mask
+    x = torch.arange(48, dtype=torch.float32).reshape(12, 4) ** 1.5
+    bn = GlobalBatchNorm(4, affine=True).train()
+    with torch.no_grad():
+        bn.weight.mul_(2.0)
+    normed = bn(x[group.rank :: group.world_size]).detach()
+    torch.manual_seed(0)
+    masked = GlobalDropout(0.5, group.rank, group.world_size).train()(torch.ones(6, 8))
     np.savez(Path(out, f"rank{group.rank}.npz"), *gathered,
+             normed=normed.numpy(), running_var=bn.running_var.numpy(), masked=masked.numpy(),
              sums=np.array(group.sum([group.rank, 1.5])),
              empty_rows=np.array([len(e) for e in empty]),
              threads=np.array(torch.get_num_threads()),

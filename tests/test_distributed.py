@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
+import torch
 from helpers import REPO, make_tiny_data
 
 from pipeline import distributed
@@ -40,6 +41,13 @@ def _pids(out: Path) -> list[int]:
 def test_collectives_gather_and_sum_over_all_ranks(tmp_path):
     distributed.launch(ddp_workers.collectives, (str(tmp_path),), nproc=2, device_type="cpu",
                        threads=1, workdir=tmp_path / "launch")
+    x = torch.arange(48, dtype=torch.float32).reshape(12, 4) ** 1.5
+    bn = torch.nn.BatchNorm1d(4).train()  # one process, the whole batch
+    with torch.no_grad():
+        bn.weight.mul_(2.0)
+    expected = bn(x).detach().numpy()
+    torch.manual_seed(0)
+    mask = torch.nn.Dropout(0.5).train()(torch.ones(12, 8)).numpy()
     for rank in (0, 1):
         with np.load(tmp_path / f"rank{rank}.npz") as z:
             assert z["arr_0"].tolist() == [[0, 0, 0]]  # rank 0's one row
@@ -47,6 +55,9 @@ def test_collectives_gather_and_sum_over_all_ranks(tmp_path):
             assert z["sums"].tolist() == [1.0, 3.0]
             assert z["empty_rows"].tolist() == [0, 2]
             assert int(z["threads"]) == 1 and int(z["world"]) == 2
+            np.testing.assert_allclose(z["normed"], expected[rank::2], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(z["running_var"], bn.running_var.numpy(), rtol=1e-5)
+            np.testing.assert_array_equal(z["masked"], mask[rank::2])
 
 
 def test_a_killed_worker_fails_the_launch_and_leaves_no_process(tmp_path):

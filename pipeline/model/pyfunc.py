@@ -145,6 +145,8 @@ def log_model(net: FoodNet, card: ModelCard, example_images: list[bytes],
             code_paths=[str(package)],
             artifacts={WEIGHTS: str(weights), CARD: str(card_file)},
             signature=signature(),
+            # load_model(uri, model_config={"device": "cpu"}) picks another device
+            model_config={"device": "auto"},
             input_example=pd.DataFrame({"image": example_images}),
             pip_requirements=requirements(),
         )

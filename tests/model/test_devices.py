@@ -15,20 +15,6 @@ from pipeline.model.devices import (
 )
 
 
-@pytest.fixture()
-def gpus(monkeypatch):
-    """A machine that shows ``n`` CUDA GPUs (bf16-capable unless told otherwise)."""
-
-    def make(n: int, bf16: bool = True):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-        monkeypatch.setattr(devices, "mps_available", lambda: False)
-
-    return make
-
-
 def test_auto_is_the_cpu_without_a_gpu(gpus):
     gpus(0)
     assert resolve_device("auto") == torch.device("cpu")
