@@ -111,6 +111,24 @@ class Group:
         return box[0]
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks, differentiable: the gradient of a sum is the sum of the ranks'
+    gradients (what ``torch.distributed.nn.functional.all_reduce`` did before it was
+    deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm (1d/2d) whose training statistics are those of the global batch: the sums
     are all-reduced over the ranks (autograd-aware, so gradients flow as for one process).
@@ -123,8 +141,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() < 2:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         c = x.shape[1]
         dims = [0, *range(2, x.dim())]
         shape = [1, c] + [1] * (x.dim() - 2)
