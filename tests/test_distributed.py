@@ -228,3 +228,24 @@ def test_stopping_the_stage_stops_every_worker(tiny_data, mlflow_store, signum):
     if signum == signal.SIGTERM:
         (run,) = _runs("stopped")
         assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_the_stage_under_an_outside_torchrun_is_one_run_and_dvc_takes_it(tmp_path):
+    """What several machines run (README: "Several GPUs and machines"), here with one:
+    `torchrun ... -m stages.train` on each, rank 0 owns the run and writes the outputs;
+    `dvc commit train` records them and `dvc repro` carries on from evaluate."""
+    from helpers import make_project, project_client, ran_stages, sh
+
+    repo = tmp_path / "repo"
+    env = make_project(repo)
+    sh(repo, "dvc", "repro", "split", env=env)
+    sh(repo, sys.executable, "-m", "torch.distributed.run", "--standalone",
+       "--nproc-per-node=2", "-m", "stages.train", env=env)
+    client = project_client(repo)
+    (run,) = client.search_runs([client.get_experiment_by_name("food101").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["resolved.nproc"] == "2"
+    assert json.loads((repo / "reports" / "run.json").read_text())["run_id"] == run.info.run_id
+    sh(repo, "dvc", "commit", "-f", "train", env=env)
+    out = sh(repo, "dvc", "repro", env=env)
+    assert ran_stages(out.stdout + out.stderr) == {"evaluate", "champion", "predict"}
