@@ -71,6 +71,7 @@ def test_a_killed_worker_fails_the_launch_and_leaves_no_process(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is not None  # the launcher's handlers are gone
 
 
+@pytest.mark.slow
 def test_a_user_error_in_a_worker_is_reported_with_its_message(tmp_path):
     with pytest.raises(WorkerFailed, match="rank 1 found a stale manifest"):
         distributed.launch(ddp_workers.user_error_on_rank_one, (str(tmp_path),), nproc=2,
