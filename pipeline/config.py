@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,12 +78,18 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 64
     log_every: int = 20
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     augment: bool = False
     seed: int = 0
     feature_batch_size: int = 16
-    num_workers: int = 0
+    # DataLoader decoding workers per process; auto: 0 on a CPU, from the cores on a GPU
+    num_workers: Union[Literal["auto"], int] = "auto"  # noqa: UP007
     compile: Literal["auto", "always", "never"] = "auto"  # torch.compile the extraction
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    nproc: Union[Literal["auto"], int] = 1  # noqa: UP007 - processes (DDP when > 1)
+    scheduler: Literal["none", "cosine"] = "none"
+    weight_decay: float = 0.0  # > 0: AdamW (decoupled weight decay)
+    keep: Literal["last", "best"] = "last"  # the weights of the last or the best epoch
 
 
 @dataclass(frozen=True)
@@ -256,7 +263,20 @@ def validate(p: Params) -> Params:
     _check(p.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(p.train.log_every >= 1, "train.log_every", "must be >= 1")
     _check(p.train.feature_batch_size >= 1, "train.feature_batch_size", "must be >= 1")
-    _check(p.train.num_workers >= 0, "train.num_workers", "must be >= 0")
+    _check(p.train.num_workers == "auto" or p.train.num_workers >= 0, "train.num_workers",
+           "must be auto or >= 0")
+    _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", p.train.device) is not None,
+           "train.device", "one of auto, cpu, cuda, cuda:N (a GPU index), mps")
+    _check(p.train.nproc == "auto" or p.train.nproc >= 1, "train.nproc", "must be auto or >= 1")
+    if p.train.nproc != "auto" and p.train.nproc > 1:  # auto: every GPU of train.device, else 1
+        _check(p.train.device != "mps", "train.nproc",
+               "must be 1 with train.device=mps (DDP runs on CUDA or CPU)")
+        _check(":" not in p.train.device, "train.nproc",
+               f"must be 1 with train.device={p.train.device} (one GPU); use "
+               "train.device=cuda to run one process per GPU")
+        _check(p.train.batch_size >= p.train.nproc, "train.batch_size",
+               "the global batch must hold at least one image per process (train.nproc)")
+    _check(p.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _check(bool(p.mlflow.experiment), "mlflow.experiment", "must not be empty")
     _check(bool(p.registry.model_name), "registry.model_name", "must not be empty")
     _check(p.registry.min_delta >= 0, "registry.min_delta", "must be >= 0")

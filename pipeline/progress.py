@@ -34,11 +34,14 @@ def is_interactive(stream: IO[str]) -> bool:
     return bool(isatty and isatty())
 
 
-def progress(total: int, desc: str, unit: str = "img", file: IO[str] | None = None) -> tqdm:
-    """A progress bar over ``total`` items (use as a context manager, ``update(n)``)."""
+def progress(total: int, desc: str, unit: str = "img", file: IO[str] | None = None,
+             disable: bool = False) -> tqdm:
+    """A progress bar over ``total`` items (use as a context manager, ``update(n)``);
+    ``disable``: no output (e.g. every rank but the first of a distributed run)."""
     stream = file if file is not None else sys.stderr
     if is_interactive(stream):
         return _Bar(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True,
-                    mininterval=INTERACTIVE_INTERVAL)
+                    mininterval=INTERACTIVE_INTERVAL, disable=disable)
     return _Bar(total=total, desc=desc, unit=unit, file=stream, ascii=True, ncols=100,
-                mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL, delay=LOG_INTERVAL)
+                mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL, delay=LOG_INTERVAL,
+                disable=disable)

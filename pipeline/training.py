@@ -1,6 +1,16 @@
 """Transfer learning: the fixed-shape loop (``train_one_epoch`` / ``evaluate`` / ``fit``) and
 ``train_model``, which picks the fast path (cached backbone features, head only) whenever the
-backbone is frozen and there is no augmentation.
+backbone is frozen and there is no augmentation, and otherwise trains end to end (the
+fine-tuning path: ``model.freeze: layer4 | none``, ``train.augment``).
+
+Where it runs is a :class:`Compute`: ``train.device``, ``nproc``, ``precision`` and
+``num_workers`` resolved on this machine before any work. Given a ``Group`` (one of several
+processes, ``pipeline.distributed``), the same code runs DDP: each rank extracts its share of
+the features, trains on its share of every global batch (:class:`GlobalOrderSampler`, a
+``DistributedSampler``; gradients all-reduced by ``DistributedDataParallel``; BatchNorm and
+dropout over the global batch), and the metrics are summed over all ranks, so they describe
+the whole validation set. N processes compute what one process computes, up to the order of
+floating-point sums (tested).
 """
 
 from __future__ import annotations
@@ -16,20 +26,42 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Subset,
+    TensorDataset,
+)
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.features import manifest_features, verified_digests
+from pipeline.distributed import Group, cpu_cores, global_batch
+from pipeline.features import (
+    loader_options,
+    loader_workers,
+    manifest_features,
+    verified_digests,
+)
+from pipeline.model.devices import (
+    DeviceError,
+    autocast,
+    device_count,
+    device_name,
+    needs_grad_scaler,
+    resolve_device,
+    resolve_precision,
+)
 from pipeline.model.imaging import load_image
-from pipeline.model.inference import autocast, resolve_precision
 from pipeline.model.network import FoodNet, HeadSpec, apply_freeze, build_model, set_train_mode
-from pipeline.model.presets import eval_transform, train_transform
+from pipeline.model.presets import eval_pixels, eval_resize_crop, normalize_batch, train_resize_crop
 from pipeline.model.weights import build_backbone
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, float], None]  # (global step, loss)
 EpochCallback = Callable[[int, dict], None]  # (epoch, metrics)
+CPU = torch.device("cpu")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -40,21 +72,81 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class LabeledImages(Dataset):
-    """(image tensor [3,S,S], class index) pairs from a manifest."""
+@dataclass(frozen=True)
+class Compute:
+    """Where training runs, resolved on this machine from the ``train`` params."""
 
-    def __init__(self, root: Path, manifest: pd.DataFrame, transform, image_size: int):
+    device: str  # "cpu", "cuda:0", "mps"; "cuda" with nproc > 1 (rank r on cuda:r)
+    device_name: str  # the GPU or CPU model
+    device_count: int  # devices of this type the machine shows
+    precision: str  # fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler)
+    nproc: int  # processes (DDP when > 1)
+    num_workers: int  # decoding workers per process
+    threads: int  # torch threads per process
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
+    def as_params(self) -> dict:
+        """The ``resolved.*`` MLflow params."""
+        return {"resolved.device": self.device, "resolved.device_name": self.device_name,
+                "resolved.device_count": self.device_count, "resolved.nproc": self.nproc,
+                "resolved.num_workers": self.num_workers, "resolved.torch_threads": self.threads}
+
+
+def resolve_compute(cfg: TrainConfig) -> Compute:
+    """``train.device`` / ``nproc`` / ``precision`` / ``num_workers`` on this machine;
+    :class:`DeviceError` (naming the param) when the machine lacks what they ask for."""
+    try:
+        device = resolve_device(cfg.device)
+        precision = resolve_precision(cfg.precision, device)
+    except DeviceError as exc:
+        raise DeviceError(f"train.{exc}") from None
+    gpus = device_count(device.type)
+    if cfg.nproc == "auto":  # every visible GPU; one process elsewhere (or for cuda:N)
+        nproc = gpus if device.type == "cuda" and cfg.device in ("auto", "cuda") else 1
+    else:
+        nproc = cfg.nproc
+    if device.type == "cuda" and nproc > gpus:
+        raise DeviceError(f"train.nproc={nproc}: only {gpus} GPU(s) visible; one process "
+                          "per GPU (train.nproc=auto uses them all)")
+    if device.type == "mps" and nproc > 1:
+        raise DeviceError("train.nproc must be 1 on Apple MPS (DDP runs on CUDA or CPU)")
+    label = "cuda" if nproc > 1 and device.type == "cuda" else str(device)  # rank r: cuda:r
+    threads = max(1, cpu_cores() // nproc) if nproc > 1 else torch.get_num_threads()
+    return Compute(label, device_name(device), gpus, precision, nproc,
+                   loader_workers(cfg.num_workers, device.type, nproc), threads)
+
+
+class LabeledImages(Dataset):
+    """(pixels [S,S,3] uint8, class index) pairs from a manifest, after ``geometry`` (the
+    eval or train preset's resize/crop); normalised per batch, on the device."""
+
+    def __init__(self, root: Path, manifest: pd.DataFrame, geometry, image_size: int):
         self.paths = [root / p for p in manifest["path"]]
         self.labels = manifest["class_index"].astype(int).tolist()
-        self.transform = transform
+        self.geometry = geometry
         self.image_size = image_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = load_image(self.paths[i], min_side=self.image_size)
-        return self.transform(img), self.labels[i]
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        img = load_image(self.paths[i], min_side=self.image_size)  # JPEG draft decoding
+        return eval_pixels(img, self.geometry), self.labels[i]
+
+
+def _inputs(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``: uint8 images are normalised there, features just copied."""
+    if x.dtype == torch.uint8:
+        return normalize_batch(x, device)
+    return x.to(device, non_blocking=True)
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(model, "module", model)
 
 
 def train_one_epoch(
@@ -67,39 +159,82 @@ def train_one_epoch(
     log_every: int,
     step: int,
     on_step: StepCallback | None = None,
+    device: torch.device = CPU,
+    scaler: torch.amp.GradScaler | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    group: Group | None = None,
 ) -> tuple[dict, int]:
-    """One pass over ``loader``; returns ({"train_loss": mean}, the global step after it)."""
-    set_train_mode(model, freeze)
+    """One pass over ``loader``; returns ({"train_loss": mean}, the global step after it).
+
+    With a ``group`` the loss is the mean over every rank's images (the step-level loss
+    too: the mean of the ranks' equal shares of the global batch).
+    """
+    model.train()
+    set_train_mode(_inner(model), freeze)  # frozen parts stay in eval mode, under DDP too
     criterion = nn.NLLLoss()
     total, count = 0.0, 0
     for x, y in loader:
-        with autocast(precision):
+        x, y = _inputs(x, device), y.to(device, non_blocking=True)
+        with autocast(precision, device):
             out = model(x)
         loss = criterion(out.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:  # fp16: scaled gradients, skipped steps on overflow
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         step += 1
         total += loss.item() * len(y)
         count += len(y)
-        if on_step is not None and step % log_every == 0:
-            on_step(step, loss.item())
+        if step % log_every == 0:
+            value = loss.item()
+            if group is not None:  # every rank takes part, only rank 0 reports
+                value = group.sum([value])[0] / group.world_size
+            if on_step is not None:
+                on_step(step, value)
+    if group is not None:
+        total, count = group.sum([total, count])
     return {"train_loss": total / max(count, 1)}, step
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, precision: str) -> dict:
-    """Mean NLL loss and accuracy against the true labels."""
+def evaluate(model: nn.Module, loader: DataLoader, precision: str, device: torch.device = CPU,
+             group: Group | None = None) -> dict:
+    """Mean NLL loss and accuracy against the true labels; with a ``group``, over the
+    union of the ranks' shards (the whole validation set)."""
     model.eval()
     criterion = nn.NLLLoss(reduction="sum")
     total, correct, count = 0.0, 0, 0
     for x, y in loader:
-        with autocast(precision):
+        x, y = _inputs(x, device), y.to(device, non_blocking=True)
+        with autocast(precision, device):
             out = model(x).float()
         total += criterion(out, y).item()
         correct += (out.argmax(1) == y).sum().item()
         count += len(y)
+    if group is not None:
+        total, correct, count = group.sum([total, correct, count])
     return {"val_loss": total / max(count, 1), "val_accuracy": correct / max(count, 1)}
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (the reference); AdamW, decoupled weight decay, when ``train.weight_decay`` > 0."""
+    if cfg.weight_decay > 0:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr)
+
+
+def kept_epoch(history: list[dict], keep: str) -> int:
+    """The epoch whose weights ``train.keep`` keeps: the last, or the first best by
+    validation accuracy."""
+    if keep == "best":
+        return max(history, key=lambda h: h["val_accuracy"])["epoch"]
+    return history[-1]["epoch"]
 
 
 def fit(
@@ -112,43 +247,79 @@ def fit(
     precision: str,
     on_epoch: EpochCallback | None = None,
     on_step: StepCallback | None = None,
+    device: torch.device = CPU,
+    group: Group | None = None,
 ) -> list[dict]:
-    """Adam on the trainable parameters for ``cfg.epochs``; one history row per epoch."""
+    """Adam(W) on the trainable parameters for ``cfg.epochs`` (per-step cosine schedule with
+    ``train.scheduler: cosine``); one history row per epoch. With ``train.keep: best`` the
+    model ends with the weights of its best epoch (:func:`kept_epoch`)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    optimizer = make_optimizer(params, cfg)
+    scheduler = None
+    if cfg.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, cfg.epochs * len(train_loader)))
+    scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(precision, device) else None
+    sampler = getattr(train_loader, "sampler", None)
+    best: tuple[float, dict] | None = None
     history, step = [], 0
     for epoch in range(1, cfg.epochs + 1):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch - 1)  # a new shuffle each epoch, the same on every rank
         t0 = time.perf_counter()
+        first_step = step
         train_m, step = train_one_epoch(
             model, train_loader, optimizer, freeze=freeze, precision=precision,
-            log_every=cfg.log_every, step=step, on_step=on_step,
+            log_every=cfg.log_every, step=step, on_step=on_step, device=device,
+            scaler=scaler, scheduler=scheduler, group=group,
         )
-        metrics = {**train_m, **evaluate(model, val_loader, precision)}
+        train_s = time.perf_counter() - t0
+        metrics = {**train_m, **evaluate(_inner(model), val_loader, precision, device, group)}
         metrics["epoch_seconds"] = time.perf_counter() - t0
+        steps = max(step - first_step, 1)
+        metrics["seconds_per_step"] = train_s / steps
+        images = len(train_loader.sampler) * (group.world_size if group is not None else 1)
+        metrics["train_images_per_second"] = images / train_s if train_s else 0.0
+        if scheduler is not None:
+            metrics["lr"] = scheduler.get_last_lr()[0]
         log.info(
             "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_accuracy %.4f  (%.1f s)",
             epoch, cfg.epochs, metrics["train_loss"], metrics["val_loss"],
             metrics["val_accuracy"], metrics["epoch_seconds"],
         )
         history.append({"epoch": epoch, **metrics})
+        if cfg.keep == "best" and (best is None or metrics["val_accuracy"] > best[0]):
+            state = _inner(model).state_dict()
+            best = (metrics["val_accuracy"], {k: v.detach().clone() for k, v in state.items()})
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+    if best is not None and kept_epoch(history, "best") != history[-1]["epoch"]:
+        _inner(model).load_state_dict(best[1])
+        log.info("keeping the weights of epoch %d (best val_accuracy %.4f)",
+                 kept_epoch(history, "best"), best[0])
     return history
 
 
 @dataclass
 class TrainResult:
-    model: FoodNet
+    model: FoodNet  # on the CPU, in eval mode, with the kept epoch's weights
     history: list[dict]
     precision: str
     weights_used: str
     path: str  # "cached-features" or "end-to-end"
     feature_stats: dict = field(default_factory=dict)
+    keep: str = "last"
+    throughput: dict = field(default_factory=dict)  # images/s, s/step, GPU memory peak
+
+    @property
+    def kept_epoch(self) -> int:
+        return kept_epoch(self.history, self.keep)
 
     @property
     def final(self) -> dict:
-        last = self.history[-1]
-        return {k: last[k] for k in ("train_loss", "val_loss", "val_accuracy")}
+        """The metrics of the epoch whose weights were kept."""
+        row = next(h for h in self.history if h["epoch"] == self.kept_epoch)
+        return {k: row[k] for k in ("train_loss", "val_loss", "val_accuracy")}
 
 
 def _lone_last_batch(n: int, batch_size: int) -> bool:
@@ -179,6 +350,66 @@ def build_network(model_cfg: ModelConfig, num_classes: int, seed: int) -> tuple[
     return model, weights_used
 
 
+class GlobalOrderSampler(DistributedSampler):
+    """A ``DistributedSampler`` that deals out one process's shuffle: each epoch the order a
+    ``RandomSampler`` on the shared ``generator`` gives (every rank holds the same generator
+    state), rank r taking the images at positions r, r+W, ... So the ranks' batches together
+    are exactly the global batches of a one-process run with the same seed."""
+
+    def __init__(self, dataset: Dataset, group: Group, generator: torch.Generator):
+        super().__init__(dataset, num_replicas=group.world_size, rank=group.rank, shuffle=True)
+        self.generator = generator
+
+    def __iter__(self):
+        order = list(RandomSampler(self.dataset, generator=self.generator))
+        order += order[: self.total_size - len(order)]  # pad to a multiple of the ranks
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+
+def _train_loader(dataset: Dataset, batch_size: int, generator: torch.Generator,
+                  group: Group | None, **options) -> DataLoader:
+    """Shuffled batches of ``batch_size`` (per process); with a ``group``, each rank's share
+    of the one-process run's global batches (:class:`GlobalOrderSampler`)."""
+    if group is None:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                          drop_last=_lone_last_batch(len(dataset), batch_size), **options)
+    sampler = GlobalOrderSampler(dataset, group, generator)
+    # ``generator`` also gives the loader's own seed, as for one process: the global RNG
+    # (dropout masks) stays in step with a one-process run
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator,
+                      drop_last=_lone_last_batch(len(sampler), batch_size), **options)
+
+
+def _shard(dataset: Dataset, group: Group | None) -> Dataset:
+    """This rank's share of an evaluation set: every world_size-th item, nothing repeated
+    (the metrics are summed over the ranks)."""
+    if group is None:
+        return dataset
+    return Subset(dataset, range(group.rank, len(dataset), group.world_size))
+
+
+def _ddp(module: nn.Module, group: Group | None) -> nn.Module:
+    """``module`` wrapped by DistributedDataParallel (gradients all-reduced), its BatchNorm and
+    dropout computed over the global batch (``distributed.global_batch``)."""
+    if group is None:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [group.device.index] if group.device.type == "cuda" else None
+    return DistributedDataParallel(global_batch(module, group), device_ids=ids)
+
+
+def per_process_batch(batch_size: int, group: Group | None) -> int:
+    """``train.batch_size`` is the global batch: each of N processes takes batch_size // N."""
+    if group is None:
+        return batch_size
+    if batch_size % group.world_size and group.is_main:
+        log.warning("train.batch_size=%d is not a multiple of %d processes: global batches "
+                    "of %d", batch_size, group.world_size,
+                    batch_size // group.world_size * group.world_size)
+    return max(1, batch_size // group.world_size)
+
+
 def train_model(
     root: Path,
     train_df: pd.DataFrame,
@@ -191,22 +422,31 @@ def train_model(
     on_epoch: EpochCallback | None = None,
     on_step: StepCallback | None = None,
     network: tuple[FoodNet, str] | None = None,
+    compute: Compute | None = None,
+    group: Group | None = None,
 ) -> TrainResult:
     """Train the network (``network`` from :func:`build_network`, built here when None) on
-    the manifests."""
-    precision = resolve_precision(train_cfg.precision)
+    the manifests, where ``compute`` says (resolved here when None); ``group``: this process
+    is one rank of a DDP run (its device is the group's)."""
+    compute = compute or resolve_compute(train_cfg)
+    device = group.device if group is not None else torch.device(compute.device)
+    precision = compute.precision
     model, weights_used = network or build_network(model_cfg, len(classes), train_cfg.seed)
     backbone = model.backbone
     generator = torch.Generator().manual_seed(train_cfg.seed)
     y_train = torch.tensor(train_df["class_index"].to_numpy(), dtype=torch.long)
     y_val = torch.tensor(val_df["class_index"].to_numpy(), dtype=torch.long)
+    batch_size = per_process_batch(train_cfg.batch_size, group)
+    pin = device.type == "cuda"
     stats: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if uses_feature_cache(model_cfg, train_cfg):
         backbone.to(memory_format=torch.channels_last).eval()
         common = dict(
             image_size=image_size, precision=precision, cache_dir=cache_dir,
-            batch_size=train_cfg.feature_batch_size, num_workers=train_cfg.num_workers,
-            compile=train_cfg.compile,
+            batch_size=train_cfg.feature_batch_size, num_workers=compute.num_workers,
+            compile=train_cfg.compile, device=device, group=group,
         )
         # One call for both splits: one model preparation (and compile) for all misses.
         both = pd.concat([train_df, val_df], ignore_index=True)
@@ -216,33 +456,41 @@ def train_model(
         # Same dropout masks and batch order whether the features came from the cache or not
         # (DataLoader workers draw from the global RNG).
         generator = seed_everything(train_cfg.seed)
-        train_loader = DataLoader(
-            TensorDataset(torch.from_numpy(f_train), y_train),
-            batch_size=train_cfg.batch_size, shuffle=True, generator=generator,
-            drop_last=_lone_last_batch(len(train_df), train_cfg.batch_size),
-        )
-        val_loader = DataLoader(TensorDataset(torch.from_numpy(f_val), y_val), batch_size=512)
+        train_loader = _train_loader(TensorDataset(torch.from_numpy(f_train), y_train),
+                                     batch_size, generator, group,
+                                     **({"pin_memory": True} if pin else {}))
+        val_loader = DataLoader(_shard(TensorDataset(torch.from_numpy(f_val), y_val), group),
+                                batch_size=512, pin_memory=pin)
         # The head alone trains on the cached features, in fp32.
-        history = fit(model.head, train_loader, val_loader, train_cfg, freeze=None,
-                      precision="fp32", on_epoch=on_epoch, on_step=on_step)
+        head = _ddp(model.head.to(device), group)
+        history = fit(head, train_loader, val_loader, train_cfg, freeze=None,
+                      precision="fp32", on_epoch=on_epoch, on_step=on_step, device=device,
+                      group=group)
         path = "cached-features"
     else:
         for df in (train_df, val_df):  # the cached path checks them as it hashes for the cache
             verified_digests([root / p for p in df["path"]], df["sha256"].tolist())
-        model.to(memory_format=torch.channels_last)
-        train_tf = train_transform(image_size) if train_cfg.augment else eval_transform(image_size)
-        loader_args = dict(num_workers=train_cfg.num_workers)
-        train_loader = DataLoader(
-            LabeledImages(root, train_df, train_tf, image_size),
-            batch_size=train_cfg.batch_size, shuffle=True, generator=generator,
-            drop_last=_lone_last_batch(len(train_df), train_cfg.batch_size), **loader_args,
-        )
+        model.to(device=device, memory_format=torch.channels_last)
+        geometry = train_resize_crop(image_size) if train_cfg.augment else \
+            eval_resize_crop(image_size)
+        options = loader_options(compute.num_workers, device, persistent=True)
+        train_loader = _train_loader(LabeledImages(root, train_df, geometry, image_size),
+                                     batch_size, generator, group, **options)
         val_loader = DataLoader(
-            LabeledImages(root, val_df, eval_transform(image_size), image_size),
-            batch_size=train_cfg.feature_batch_size, **loader_args,
+            _shard(LabeledImages(root, val_df, eval_resize_crop(image_size), image_size),
+                   group),
+            batch_size=train_cfg.feature_batch_size, **options,
         )
-        history = fit(model, train_loader, val_loader, train_cfg, freeze=model_cfg.freeze,
-                      precision=precision, on_epoch=on_epoch, on_step=on_step)
+        history = fit(_ddp(model, group), train_loader, val_loader, train_cfg,
+                      freeze=model_cfg.freeze, precision=precision, on_epoch=on_epoch,
+                      on_step=on_step, device=device, group=group)
         path = "end-to-end"
-    model.eval()
-    return TrainResult(model, history, precision, weights_used, path, stats)
+    throughput = {
+        "train_images_per_second": [round(h["train_images_per_second"], 1) for h in history],
+        "seconds_per_step": [round(h["seconds_per_step"], 4) for h in history],
+    }
+    if device.type == "cuda":
+        throughput["gpu_memory_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    model.to(CPU).eval()  # logged and handed over from the CPU
+    return TrainResult(model, history, precision, weights_used, path, stats, train_cfg.keep,
+                       throughput)

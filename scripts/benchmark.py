@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import handoffs  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.features import compute_features  # noqa: E402
-from pipeline.model.inference import bf16_supported, resolve_precision  # noqa: E402
+from pipeline.features import compute_features, loader_workers  # noqa: E402
+from pipeline.model.devices import cpu_bf16_supported, resolve_precision  # noqa: E402
 from pipeline.model.weights import build_backbone  # noqa: E402
 from pipeline.paths import feature_cache_dir  # noqa: E402
 from pipeline.training import train_model  # noqa: E402
@@ -44,7 +44,8 @@ def extraction(params, paths: list[Path], precision: str, compile: str) -> dict:
     t0 = time.perf_counter()
     _, stats = compute_features(
         backbone, paths, store=None, image_size=params.data.image_size, precision=precision,
-        batch_size=params.train.feature_batch_size, num_workers=params.train.num_workers,
+        batch_size=params.train.feature_batch_size,
+        num_workers=loader_workers(params.train.num_workers, "cpu"),
         compile=compile,
     )
     total = time.perf_counter() - t0
@@ -75,18 +76,18 @@ def main() -> None:
     train = handoffs.Manifest.read(handoffs.TRAIN_MANIFEST).frame
     val = handoffs.Manifest.read(handoffs.VAL_MANIFEST).frame
     paths = [root / p for p in pd.concat([train, val])["path"]]
-    auto = resolve_precision(params.train.precision)
-    out: dict = {"cpu_threads": torch.get_num_threads(), "bf16_native": bf16_supported(),
+    auto = resolve_precision(params.train.precision, "cpu")  # this script measures the CPU
+    out: dict = {"cpu_threads": torch.get_num_threads(), "bf16_native": cpu_bf16_supported(),
                  "precision": auto, "image_size": params.data.image_size,
                  "batch_size": params.train.feature_batch_size,
-                 "decode_workers": params.train.num_workers}
+                 "decode_workers": loader_workers(params.train.num_workers, "cpu")}
     # As the train stage runs it on the whole sample (train.compile decides compiling).
     out["extract"] = extraction(params, paths[: args.images or None], auto,
                                 params.train.compile)
     print(json.dumps(out, indent=2), flush=True)
     if args.eager_images:
         out["extract_eager"] = extraction(params, paths[: args.eager_images], auto, "never")
-    if auto == "fp32" and bf16_supported():
+    if auto == "fp32" and cpu_bf16_supported():
         out["extract_bf16"] = extraction(params, paths[: args.eager_images or 960], "bf16",
                                          params.train.compile)
     print(json.dumps(out, indent=2), flush=True)

@@ -24,6 +24,8 @@ def main(params: Params) -> None:
                      handoffs.Manifest.read(handoffs.VAL_MANIFEST))
     out = train_and_log(data, params.model, params.train, params.data.image_size,
                         run_spec(params), feature_cache_dir())
+    if out is None:  # one worker of an outside `torchrun --nnodes ...`: rank 0 writes
+        return
     out.run.write()
     handoffs.write_json(handoffs.TRAIN_METRICS, out.metrics)  # resolved values: MLflow params
     handoffs.write_csv(handoffs.TRAIN_HISTORY, out.history)

@@ -82,6 +82,26 @@ def feature_cache(tmp_path, monkeypatch) -> Path:
     return path
 
 
+@pytest.fixture()
+def gpus(monkeypatch):
+    """``gpus(n)``: a machine that shows ``n`` CUDA GPUs (bf16-capable unless told otherwise)
+    and no MPS. Mocked answers of ``torch.cuda``: tests check what is *chosen*; nothing runs
+    on a GPU."""
+    import torch
+
+    from pipeline.model import devices
+
+    def make(n: int, bf16: bool = True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Mocked GPU")
+        monkeypatch.setattr(devices, "mps_available", lambda: False)
+
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _two_threads():
     import torch

@@ -10,10 +10,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.data.sampling import draw_sample, split_sample
 from pipeline.data.sources import index_food101
+from pipeline.model.devices import DeviceError
 from pipeline.training import (
     _lone_last_batch,
     evaluate,
     fit,
+    resolve_compute,
     seed_everything,
     train_model,
     train_one_epoch,
@@ -34,7 +36,8 @@ def _head(dim=8, classes=3):
 
 
 def test_evaluate_scores_against_the_true_labels():
-    x, y = _separable()
+    torch.manual_seed(0)  # torch's default seed differs per process: the shuffle below
+    x, y = _separable()   # could, by chance, keep the accuracy
     model = _head()
     loader = DataLoader(TensorDataset(x, y), batch_size=10)
     m = evaluate(model, loader, "fp32")
@@ -129,3 +132,87 @@ def test_head_on_frozen_random_backbone_learns_the_demo(learnable_demo):
     assert acc >= 0.4, f"val_accuracy {acc:.3f} vs chance {1 / 6:.3f}"
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0]
+
+
+# -- where training runs, and the fine-tuning options -----------------------------------------
+
+
+def test_compute_on_this_cpu(gpus, monkeypatch):
+    import pipeline.training as training
+
+    gpus(0)
+    monkeypatch.setattr(training, "cpu_cores", lambda: 8)
+    c = resolve_compute(tiny_params(train={"num_workers": "auto"}).train)
+    assert (c.device, c.nproc, c.num_workers) == ("cpu", 1, 0)
+    assert c.as_params()["resolved.device"] == "cpu"
+    c = resolve_compute(tiny_params(train={"nproc": 2, "batch_size": 16}).train)
+    assert (c.nproc, c.threads) == (2, 4)  # cores // nproc per rank
+    assert resolve_compute(tiny_params(train={"nproc": "auto"}).train).nproc == 1
+    with pytest.raises(DeviceError, match="train.device cuda"):
+        resolve_compute(tiny_params(train={"device": "cuda"}).train)
+
+
+def test_compute_with_gpus(gpus, monkeypatch):
+    import pipeline.features as features
+
+    gpus(4)
+    monkeypatch.setattr(features, "cpu_cores", lambda: 16)
+    c = resolve_compute(tiny_params(train={"nproc": "auto", "num_workers": "auto"}).train)
+    assert (c.device, c.nproc, c.precision, c.device_count) == ("cuda", 4, "bf16", 4)
+    assert c.num_workers == 3  # 16 cores / 4 processes, one left for the process itself
+    one = resolve_compute(tiny_params(train={"device": "cuda:2"}).train)
+    assert (one.device, one.nproc, one.device_name) == ("cuda:2", 1, "Mocked GPU")
+    assert resolve_compute(tiny_params(train={"num_workers": "auto"}).train).num_workers == 8
+    with pytest.raises(DeviceError, match="only 4 GPU"):
+        resolve_compute(tiny_params(train={"nproc": 5, "device": "cuda"}).train)
+
+
+class _Wrapper(nn.Module):
+    """Stands in for DistributedDataParallel: the real module is ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_fine_tuning_keeps_frozen_batchnorm_in_eval_mode_under_a_wrapper():
+    from pipeline.model.network import HeadSpec, apply_freeze, build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet50", 3, HeadSpec(hidden=8))
+    apply_freeze(net, "layer4")
+    loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])),
+                        batch_size=4)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=0.01)
+    before = net.backbone.layer3[0].bn1.running_mean.clone()
+    train_one_epoch(_Wrapper(net), loader, opt, freeze="layer4", precision="fp32",
+                    log_every=10, step=0)
+    assert net.backbone.layer4.training and net.head.training  # unfrozen: batch statistics
+    assert not net.backbone.layer3.training and not net.backbone.bn1.training  # frozen: eval
+    assert torch.equal(net.backbone.layer3[0].bn1.running_mean, before)
+
+
+def test_cosine_schedule_weight_decay_and_keeping_the_best_epoch():
+    from pipeline.training import kept_epoch, make_optimizer
+
+    cfg = tiny_params(train={"epochs": 4, "lr": 0.05, "log_every": 1000,
+                             "scheduler": "cosine", "weight_decay": 0.01, "keep": "best"}).train
+    assert isinstance(make_optimizer([nn.Parameter(torch.zeros(1))], cfg), torch.optim.AdamW)
+    x, y = _separable(n=96)
+    seed_everything(0)
+    model = _head()
+    snapshots = []
+    history = fit(model, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True),
+                  DataLoader(TensorDataset(x[:40], y[:40]), batch_size=64), cfg, freeze=None,
+                  precision="fp32", on_epoch=lambda e, m: snapshots.append(
+                      {k: v.clone() for k, v in model.state_dict().items()}))
+    lrs = [h["lr"] for h in history]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0, abs=1e-9)
+    best = kept_epoch(history, "best")
+    assert history[best - 1]["val_accuracy"] == max(h["val_accuracy"] for h in history)
+    for k, v in model.state_dict().items():  # the model ends with the best epoch's weights
+        assert torch.equal(v, snapshots[best - 1][k]), k
+    assert kept_epoch(history, "last") == 4

@@ -21,8 +21,9 @@ from pipeline.evaluation import (
     per_class_report,
     worst_predictions,
 )
-from pipeline.features import score_manifest
+from pipeline.features import loader_workers, score_manifest
 from pipeline.handoffs import Manifest, Promotion, RunRef
+from pipeline.model.devices import DeviceError, resolve_device
 from pipeline.model.imaging import load_image
 from pipeline.model.pyfunc import load_network
 from pipeline.plots import (
@@ -112,8 +113,13 @@ def evaluate_and_log(
     """Test metrics (always against the true labels), per-class report and confusion matrix
     in the run; then a new registry version and the promotion gate.
 
-    ``train_cfg`` gives the extraction batch size and decoding workers (speed, not results).
+    ``train_cfg`` gives the device (``train.device``), the extraction batch size and decoding
+    workers; the precision is the one the logged model resolves on that device.
     """
+    try:
+        device = resolve_device(train_cfg.device)  # checked before the run is re-opened
+    except DeviceError as exc:
+        raise DeviceError(f"train.{exc}") from None
     df = data.test.frame
     classes = list(data.classes)
     y_true = df["class_index"].to_numpy()
@@ -125,7 +131,8 @@ def evaluate_and_log(
                 "the logged model's classes differ from reports/sample.json: re-run train")
         probs = score_manifest(net, card, data.root, df, cache_dir=cache_dir,
                                batch_size=train_cfg.feature_batch_size,
-                               num_workers=train_cfg.num_workers)
+                               num_workers=loader_workers(train_cfg.num_workers, device.type),
+                               device=device)
         y_pred = probs.argmax(1)
         metrics = classification_metrics(y_true, probs)
         per_class = per_class_report(y_true, y_pred, classes)

@@ -30,7 +30,9 @@ class ModelCard:
     image_size: int
     head: HeadSpec
     weights: str  # what the backbone started from, e.g. "none (random init, seed 0)"
-    precision: str  # what training and feature extraction resolved to ("fp32" or "bf16")
+    # What training and feature extraction resolved to ("fp32", "bf16" or "fp16"). A loaded
+    # model runs in fp32 when this is fp32, else at its own device's reduced precision.
+    precision: str
     preprocessing: Preprocessing
     run_id: str  # the MLflow run that trained it
     format: int = CARD_FORMAT

@@ -1,13 +1,13 @@
-"""Running a trained network: the CPU precision policy, the BatchNorm-folded backbone that every
-extraction runs on, and batch inference from raw images.
+"""Running a trained network: the BatchNorm-folded backbone that every extraction runs on, and
+batch inference from raw images on the device and at the precision resolved for the machine
+that runs it (``pipeline.model.devices``).
 
 Feature extraction over manifests (the cache, ``torch.compile``) builds on these in
-``pipeline.features``; the logged model's pyfunc calls :class:`Classifier` directly.
+``pipeline.features``; the logged model's pyfunc calls :func:`load_classifier`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections.abc import Sequence
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.model.card import ModelCard
+from pipeline.model.devices import autocast, inference_precision, resolve_device
 from pipeline.model.errors import ImageDecodeError
 from pipeline.model.imaging import ImageSource, load_image
 from pipeline.model.network import FoodNet
@@ -27,31 +29,10 @@ log = logging.getLogger(__name__)
 INFERENCE_GRAPH = "fx conv+bn folded, channels_last"
 
 
-def bf16_supported() -> bool:
-    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_precision(requested: str) -> str:
-    """``auto`` -> bf16 where the CPU supports it natively, else fp32."""
-    if requested == "auto":
-        return "bf16" if bf16_supported() else "fp32"
-    if requested == "bf16" and not bf16_supported():
-        log.warning("precision bf16 on a CPU without native bf16: emulated, slower")
-    return requested
-
-
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the CPU, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def inference_backbone(backbone: nn.Module) -> nn.Module:
-    """A frozen copy of ``backbone`` for feature extraction: BatchNorm folded into the
-    convolutions (torch.fx) and channels_last memory format.
+def inference_backbone(backbone: nn.Module, device: torch.device | str | None = None
+                       ) -> nn.Module:
+    """A frozen copy of ``backbone`` for feature extraction on ``device`` (default: where it
+    is): BatchNorm folded into the convolutions (torch.fx) and channels_last memory format.
 
     Features differ from the eager fp32 backbone by ~1e-6 relative; training, evaluation and
     the logged model all extract through this one function.
@@ -61,29 +42,39 @@ def inference_backbone(backbone: nn.Module) -> nn.Module:
     fused = fuse(copy.deepcopy(backbone).eval(), inplace=True)
     for p in fused.parameters():
         p.requires_grad_(False)
-    return fused.to(memory_format=torch.channels_last).eval()
+    return fused.to(device=device, memory_format=torch.channels_last).eval()
 
 
 @torch.inference_mode()
 def extract_features(backbone: nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
-    """[N,3,S,S] normalised images -> [N,2048] float32 features.
+    """[N,3,S,S] normalised images -> [N,2048] float32 features, on the device of ``x``
+    (autocast to ``precision`` there).
 
-    ``backbone``: what :func:`inference_backbone` returns (or any module in eval mode).
+    ``backbone``: what :func:`inference_backbone` returns (or any module in eval mode), on
+    the same device as ``x``.
     """
     x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(precision):
+    with autocast(precision, x.device):
         feats = backbone(x)
     return feats.float()
 
 
 class Classifier:
     """A trained :class:`FoodNet` run on raw images: decode, eval preset, folded backbone,
-    head. ``precision`` is resolved for the machine it runs on."""
+    head.
 
-    def __init__(self, net: FoodNet, image_size: int, precision: str):
-        self.net = net.eval().to(memory_format=torch.channels_last)
+    ``device`` (``auto``: a GPU when there is one) and the inference precision are resolved
+    here, on the machine that runs it: ``trained_precision`` only says whether the model was
+    trained in fp32 (then it runs in fp32) or in reduced precision (then it runs at what
+    ``auto`` gives on this device; see :func:`devices.inference_precision`).
+    """
+
+    def __init__(self, net: FoodNet, image_size: int, trained_precision: str,
+                 device: torch.device | str = "auto"):
+        self.device = resolve_device(device)
+        self.precision = inference_precision(trained_precision, self.device)
+        self.net = net.eval().to(device=self.device, memory_format=torch.channels_last)
         self.image_size = image_size
-        self.precision = resolve_precision(precision)
         self.resize_crop = eval_resize_crop(image_size)
         self._backbone: nn.Module | None = None
 
@@ -139,5 +130,14 @@ class Classifier:
         return self.net.head[-2].out_features
 
     def _forward(self, pixels: np.ndarray) -> torch.Tensor:
-        feats = extract_features(self.backbone, normalize_batch(pixels), self.precision)
-        return self.net.head(feats)
+        """[N,S,S,3] uint8 -> [N,C] log-probabilities on the CPU (uint8 crosses to a GPU)."""
+        x = normalize_batch(pixels, self.device)
+        feats = extract_features(self.backbone, x, self.precision)
+        return self.net.head(feats).float().cpu()
+
+
+def load_classifier(card: ModelCard, state: dict[str, torch.Tensor],
+                    device: torch.device | str = "auto") -> Classifier:
+    """A logged model's network, ready on the consumer's ``device`` (``state`` loaded with
+    ``map_location="cpu"``, so a model trained on a GPU loads on a CPU-only machine)."""
+    return Classifier(card.build_network(state), card.image_size, card.precision, device)

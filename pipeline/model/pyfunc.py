@@ -10,6 +10,12 @@ and the :class:`ModelCard` travel as artifacts. A consumer needs none of this re
     model.predict(pd.DataFrame({"image": [jpeg_bytes]}))       # or {"path": ["a.jpg"]}
     model.predict(frame, params={"batch_size": 64})             # inference batch size
 
+The device and the inference precision are resolved when the model is loaded, on the machine
+that loads it: a GPU when there is one, else the CPU (weights are loaded with
+``map_location="cpu"``, so a model trained on a GPU loads anywhere), and the precision that
+device supports (``devices.inference_precision``), not the one training used.
+``mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})`` picks a device.
+
 Of the model package, only this module imports MLflow.
 """
 
@@ -32,7 +38,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from pipeline.model.card import ModelCard
 from pipeline.model.errors import ModelCardError
-from pipeline.model.inference import Classifier
+from pipeline.model.inference import load_classifier
 from pipeline.model.network import FoodNet
 
 TOP_K = 5
@@ -66,8 +72,8 @@ class FoodClassifier(PythonModel):
     def load_context(self, context) -> None:
         self.card = ModelCard.read(Path(context.artifacts[CARD]))
         state = torch.load(context.artifacts[WEIGHTS], map_location="cpu", weights_only=True)
-        self.classifier = Classifier(self.card.build_network(state), self.card.image_size,
-                                     self.card.precision)
+        device = (getattr(context, "model_config", None) or {}).get("device", "auto")
+        self.classifier = load_classifier(self.card, state, device)
 
     # Type hints: MLflow infers no schema from a DataFrame hint (the signature is explicit),
     # and without hints it warns on every definition of the class.
@@ -139,6 +145,8 @@ def log_model(net: FoodNet, card: ModelCard, example_images: list[bytes],
             code_paths=[str(package)],
             artifacts={WEIGHTS: str(weights), CARD: str(card_file)},
             signature=signature(),
+            # load_model(uri, model_config={"device": "cpu"}) picks another device
+            model_config={"device": "auto"},
             input_example=pd.DataFrame({"image": example_images}),
             pip_requirements=requirements(),
         )

@@ -417,13 +417,16 @@ def log_params(params: dict) -> None:
     store_call("log params", mlflow.log_params, clean)
 
 
-def log_metrics(metrics: dict, step: int | None = None) -> None:
+def log_metrics(metrics: dict, step: int | None = None, run_id: str | None = None) -> None:
+    """To the active run, or to ``run_id`` (a DDP worker logs to its launcher's run)."""
     store_call("log metrics", mlflow.log_metrics, {k: float(v) for k, v in metrics.items()},
-               step=step)
+               step=step, run_id=run_id)
 
 
-def log_metric(key: str, value: float, step: int | None = None) -> None:
-    store_call(f"log metric {key}", mlflow.log_metric, key, float(value), step=step)
+def log_metric(key: str, value: float, step: int | None = None, run_id: str | None = None
+               ) -> None:
+    store_call(f"log metric {key}", mlflow.log_metric, key, float(value), step=step,
+               run_id=run_id)
 
 
 def set_tags(tags: dict) -> None:

@@ -117,3 +117,25 @@ def test_sample_size_experiment(project):
     assert "Running stage 'sample'" in out and "Running stage 'prepare'" not in out
     report = json.loads((repo / "reports" / "sample.json").read_text())
     assert report["counts"]["sample"] == 40
+
+
+def test_ddp_experiment_is_one_run_with_a_version_and_a_decision(project):
+    """`dvc exp run -S train.nproc=2`: two Gloo workers, one MLflow run, a registered version
+    and a champion decision, the validation accuracy of one process."""
+    repo, env, _ = project
+    one = json.loads((repo / "metrics" / "train.json").read_text())["val_accuracy"]
+    client = _client(repo)
+    exp_id = client.get_experiment_by_name("food101").experiment_id
+    before = {r.info.run_id for r in client.search_runs([exp_id])}
+    out = _sh(repo, "dvc", "exp", "run", "-S", "train.nproc=2", env=env)
+    assert ran_stages(out) == {"train", "evaluate", "champion", "predict"}
+    new = [r for r in client.search_runs([exp_id]) if r.info.run_id not in before]
+    assert len(new) == 1 and new[0].info.status == "FINISHED"
+    assert new[0].data.params["resolved.nproc"] == "2"
+    decision = json.loads((repo / "reports" / "promotion.json").read_text())
+    assert decision["run_id"] == new[0].info.run_id and "promoted" in decision
+    version = client.get_model_version("food101-resnet50", decision["version"])
+    assert version.run_id == new[0].info.run_id
+    two = json.loads((repo / "metrics" / "train.json").read_text())["val_accuracy"]
+    assert abs(two - one) <= 0.02, (one, two)
+    _sh(repo, "git", "checkout", "params.yaml", env=env)

@@ -1,21 +1,20 @@
-"""Inference: the CPU precision policy, the folded backbone and batch inference from bytes."""
+"""Inference: the folded backbone and batch inference from bytes (the device and precision
+policy is in test_devices.py)."""
 
 import numpy as np
 import torch
 
-import pipeline.model.inference as inference
-from pipeline.model.inference import Classifier, extract_features, inference_backbone
+from pipeline.model import devices
+from pipeline.model.card import ModelCard
+from pipeline.model.inference import (
+    Classifier,
+    extract_features,
+    inference_backbone,
+    load_classifier,
+)
 from pipeline.model.network import HeadSpec, build_model
-from pipeline.model.presets import eval_transform
+from pipeline.model.presets import Preprocessing, eval_transform
 from pipeline.model.weights import build_backbone
-
-
-def test_precision_policy(monkeypatch):
-    monkeypatch.setattr(inference, "bf16_supported", lambda: False)
-    assert inference.resolve_precision("auto") == "fp32"
-    monkeypatch.setattr(inference, "bf16_supported", lambda: True)
-    assert inference.resolve_precision("auto") == "bf16"
-    assert inference.resolve_precision("fp32") == "fp32"
 
 
 def test_folded_backbone_matches_eager_and_leaves_the_original_alone():
@@ -51,3 +50,22 @@ def test_classifier_on_bytes_and_paths_in_batches(tiny_demo):
     torch.testing.assert_close(by_path, eager, rtol=1e-3, atol=1e-3)
     assert np.array_equal(by_path.argmax(1).numpy(), eager.argmax(1).numpy())
     assert clf.log_probs([]).shape == (0, 4)
+
+
+def test_a_model_trained_in_bf16_runs_at_the_consumers_precision(tiny_demo, monkeypatch):
+    """The card says bf16 (say, trained on a GPU); on a CPU without native bf16 the model
+    runs in fp32 (not emulated bf16), on one with it in bf16: resolved when it is loaded."""
+    backbone, _ = build_backbone("resnet50", "none", 0)
+    torch.manual_seed(0)
+    net = build_model("resnet50", 4, HeadSpec(hidden=8), backbone).eval()
+    card = ModelCard(arch="resnet50", classes=("a", "b", "c", "d"), image_size=32,
+                     head=HeadSpec(hidden=8), weights="none", precision="bf16",
+                     preprocessing=Preprocessing.for_size(32), run_id="r")
+    paths = [str(p) for p in sorted((tiny_demo / "images").rglob("*.jpg"))[:4]]
+    monkeypatch.setattr(devices, "cpu_bf16_supported", lambda: False)
+    clf = load_classifier(card, net.state_dict(), "auto")  # no GPU here: the CPU
+    assert (clf.device.type, clf.precision) == ("cpu", "fp32")
+    fp32 = Classifier(net, 32, "fp32", "cpu").log_probs(paths)
+    torch.testing.assert_close(clf.log_probs(paths), fp32)
+    monkeypatch.setattr(devices, "cpu_bf16_supported", lambda: True)
+    assert load_classifier(card, net.state_dict(), "cpu").precision == "bf16"

@@ -154,6 +154,19 @@ def test_input_forms_params_and_errors(champion_store):
     assert "not a readable image" in odd["error"][1] and odd["error"][2] is None
 
 
+def test_the_device_is_the_consumers_and_can_be_chosen(champion_store):
+    """Loaded here (no GPU) it runs on the CPU; model_config={"device": ...} picks one."""
+    c = champion_store
+    model = mlflow.pyfunc.load_model(f"models:/{c.name}@champion")
+    clf = model.unwrap_python_model().classifier
+    assert clf.device.type == "cpu" and next(clf.net.parameters()).device.type == "cpu"
+    chosen = mlflow.pyfunc.load_model(f"models:/{c.name}@champion",
+                                      model_config={"device": "cpu"})
+    assert chosen.unwrap_python_model().classifier.device.type == "cpu"
+    with pytest.raises(Exception, match="device cuda"):  # this machine has no GPU
+        mlflow.pyfunc.load_model(f"models:/{c.name}@champion", model_config={"device": "cuda"})
+
+
 def test_signature_input_example_and_requirements(champion_store):
     c = champion_store
     info = mlflow.models.get_model_info(c.trained.run.model_uri)
