@@ -2,7 +2,7 @@
 
 Inputs: ``reports/run.json``, ``data/manifests/test.csv`` (paths and sha256),
 ``reports/sample.json`` (image root, class order).
-Params: ``registry``, ``train.feature_batch_size``, ``train.num_workers``.
+Params: ``registry``, ``train.feature_batch_size``, ``train.num_workers``, ``train.device``.
 Outputs: ``metrics/evaluate.json``, ``reports/promotion.json``, ``reports/per_class.csv``,
 ``plots/confusion.csv`` (dvc plots, confusion template), ``plots/per_class_accuracy.csv``
 (sorted bars), and the pictures ``plots/{confusion_matrix,per_class_accuracy,

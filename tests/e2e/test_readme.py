@@ -280,4 +280,5 @@ def test_loading_the_model_anywhere(clone):
     code += "\nout = model.predict(frame)\nprint(out.to_json(orient='records'))\n"
     with_output = _sh(repo, env, f".venv/bin/python - <<'EOF'\n{code}\nEOF")
     rows = json.loads(with_output.strip().splitlines()[-1])
-    assert rows and set(rows[0]) == {"label", "confidence", "top5"}
+    assert rows and set(rows[0]) == {"label", "confidence", "top5", "error"}
+    assert rows[0]["error"] is None
