@@ -58,8 +58,10 @@ HOST        ?= 127.0.0.1
 server: $(STAMP)
 	$(PY) -m pipeline.team start --data $(TEAM_DIR) --host $(HOST) --port $(SERVER_PORT) \
 	  $(if $(filter 1 yes true,$(AUTH)),--auth)
-	@-MLFLOW_TRACKING_URI=http://$(if $(filter 0.0.0.0,$(HOST)),127.0.0.1,$(HOST)):$(SERVER_PORT) \
-	  $(PY) -m pipeline ui-links 2>/dev/null
+	@MLFLOW_TRACKING_URI=http://$(if $(filter 0.0.0.0,$(HOST)),127.0.0.1,$(HOST)):$(SERVER_PORT) \
+	  $(if $(filter 1 yes true,$(AUTH)),MLFLOW_TRACKING_USERNAME=$${MLFLOW_TRACKING_USERNAME:-admin} \
+	  MLFLOW_TRACKING_PASSWORD=$${MLFLOW_TRACKING_PASSWORD:-$$(cat $(TEAM_DIR)/auth/admin_password)}) \
+	  $(PY) -m pipeline ui-links 2>/dev/null || true
 
 server-stop: $(STAMP)
 	$(PY) -m pipeline.team stop --data $(TEAM_DIR)

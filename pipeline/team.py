@@ -216,6 +216,9 @@ def start(data: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
         stop(data)
         tail = (data / "mlflow.log").read_text(errors="replace")[-3000:]
         raise TeamServerError(f"{exc}; mlflow.log ends with:\n{tail}") from None
+    users_db = data / "auth" / "basic_auth.db"
+    if auth and users_db.is_file():  # MLflow creates it with the umask's mode (0644)
+        users_db.chmod(0o600)
     state["start_seconds"] = round(time.monotonic() - started, 1)
     return state
 

@@ -286,7 +286,8 @@ def test_basic_auth_two_users_run_and_gate(auth_server, tmp_path):
 
     uri, data = auth_server["uri"], Path(auth_server["data"])
     password_file = data / "auth" / "admin_password"
-    assert oct(password_file.stat().st_mode & 0o777) == "0o600"
+    for private in ("admin_password", "secret_key", "basic_auth.ini", "basic_auth.db"):
+        assert oct((data / "auth" / private).stat().st_mode & 0o777) == "0o600", private
     admin = ("admin", password_file.read_text().strip())
     search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
     assert _get(search)[0] == 401  # unauthenticated: refused

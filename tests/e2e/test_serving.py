@@ -11,24 +11,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
-from helpers import REPO, free_port
+from helpers import REPO, free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 
 SERVE_WAIT = 120  # seconds for /ping
-
-
-def _read_all(proc: subprocess.Popen) -> str:
-    try:
-        out, _ = proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        return "(no output)"
-    return out or ""
 
 
 def test_served_champion_runs_its_own_code(champion_store, tmp_path):
@@ -56,19 +47,7 @@ def test_served_champion_runs_its_own_code(champion_store, tmp_path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVE_WAIT
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"the server exited ({server.returncode}):\n{_read_all(server)}")
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no /ping within {SERVE_WAIT} s")
-            time.sleep(0.5)
+        wait_for_http(f"{base}/ping", server, SERVE_WAIT, "mlflow models serve")
 
         paths = [c.data.root / p for p in c.data.test.frame["path"].head(3)]
         body = {"dataframe_split": {
