@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from helpers import REPO, free_port, wait_for_http
+from helpers import REPO, free_port, stop_group, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -68,12 +68,4 @@ def test_served_champion_runs_its_own_code(champion_store, tmp_path):
             assert 0.0 <= pred["confidence"] <= 1.0
             assert json.loads(pred["top5"])[0][0] == pred["label"]
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=15)
-        if server.stdout:
-            server.stdout.close()
+        stop_group(server, signal.SIGTERM)
