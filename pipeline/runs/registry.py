@@ -250,11 +250,6 @@ def model_uri(name: str, ref: str) -> str:
     return resolve(name, ref)[0]
 
 
-def resolved_version(name: str, ref: str) -> str:
-    """The version number that an alias or version reference points at now."""
-    return resolve(name, ref)[1]
-
-
 def register(model_uri_: str, name: str, tags: dict) -> str:
     """A version of ``name`` for a logged model, created with its tags in one step (so no
     version exists without its evaluation), then given the ``challenger`` alias; returns the

@@ -356,7 +356,7 @@ def test_rollback_restores_previous_champion_and_swaps(model_uri):
     assert aliases()["previous-champion"] == v2
     assert tags(v2)["promotion"] == "rolled back"
     assert registry.model_uri(NAME, "champion") == f"models:/{NAME}/{v1}"  # pinned
-    assert registry.resolved_version(NAME, "champion") == v1
+    assert registry.resolve(NAME, "champion")[1] == v1
 
     back = registry.rollback(NAME)  # the two swap again
     assert back["champion"] == v2 and back["previous_champion"] == v1
@@ -407,8 +407,8 @@ def test_model_uri_without_champion_says_how_to_get_one(model_uri):
         registry.model_uri(NAME, "7")
     assert registry.model_uri(NAME, "challenger") == f"models:/{NAME}/1"
     assert registry.model_uri(NAME, "1") == f"models:/{NAME}/1"
-    assert registry.resolved_version(NAME, "challenger") == "1"
-    assert registry.resolved_version(NAME, "01") == "1"
+    assert registry.resolve(NAME, "challenger")[1] == "1"
+    assert registry.resolve(NAME, "01")[1] == "1"
 
 
 def test_unknown_model_says_registry_is_empty(store):
