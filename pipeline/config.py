@@ -81,15 +81,27 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     augment: bool = False
     seed: int = 0
-    feature_batch_size: int = 16
-    # DataLoader decoding workers per process; auto: 0 on a CPU, from the cores on a GPU
-    num_workers: Union[Literal["auto"], int] = "auto"  # noqa: UP007
-    compile: Literal["auto", "always", "never"] = "auto"  # torch.compile the extraction
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    nproc: Union[Literal["auto"], int] = 1  # noqa: UP007 - processes (DDP when > 1)
     scheduler: Literal["none", "cosine"] = "none"
     weight_decay: float = 0.0  # > 0: AdamW (decoupled weight decay)
     keep: Literal["last", "best"] = "last"  # the weights of the last or the best epoch
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Where and how fast train and evaluate compute: changes the speed, not the result
+    (beyond the order of floating-point sums)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    nproc: Union[Literal["auto"], int] = 1  # noqa: UP007 - processes (DDP when > 1)
+    # DataLoader decoding workers per process; auto: 0 on a CPU, from the cores on a GPU
+    num_workers: Union[Literal["auto"], int] = "auto"  # noqa: UP007
+    feature_batch_size: int = 16  # images per extraction batch
+    compile: Literal["auto", "always", "never"] = "auto"  # torch.compile the extraction
+
+
+# Keys that moved to another section: an old `-S train.device=...` names the new key.
+MOVED = {f"train.{k}": f"compute.{k}"
+         for k in ("device", "nproc", "num_workers", "feature_batch_size", "compile")}
 
 
 @dataclass(frozen=True)
@@ -117,6 +129,7 @@ class Params:
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
@@ -211,6 +224,10 @@ def from_mapping(cls: type, raw: Any, name: str, error: type[Exception] = Config
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(known))
     if unknown:
+        moved = MOVED.get(f"{name}.{unknown[0]}")
+        if moved:
+            raise error(f"{name}.{unknown[0]}: moved to {moved} (params.yaml section "
+                        f"'{moved.split('.')[0]}'); set {moved} instead")
         raise error(
             f"{name}.{unknown[0]}: unknown key; allowed keys in '{name}': {', '.join(known)}"
         )
@@ -262,20 +279,21 @@ def validate(p: Params) -> Params:
     _check(p.train.epochs >= 1, "train.epochs", "must be >= 1")
     _check(p.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(p.train.log_every >= 1, "train.log_every", "must be >= 1")
-    _check(p.train.feature_batch_size >= 1, "train.feature_batch_size", "must be >= 1")
-    _check(p.train.num_workers == "auto" or p.train.num_workers >= 0, "train.num_workers",
-           "must be auto or >= 0")
-    _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", p.train.device) is not None,
-           "train.device", "one of auto, cpu, cuda, cuda:N (a GPU index), mps")
-    _check(p.train.nproc == "auto" or p.train.nproc >= 1, "train.nproc", "must be auto or >= 1")
-    if p.train.nproc != "auto" and p.train.nproc > 1:  # auto: every GPU of train.device, else 1
-        _check(p.train.device != "mps", "train.nproc",
-               "must be 1 with train.device=mps (DDP runs on CUDA or CPU)")
-        _check(":" not in p.train.device, "train.nproc",
-               f"must be 1 with train.device={p.train.device} (one GPU); use "
-               "train.device=cuda to run one process per GPU")
-        _check(p.train.batch_size >= p.train.nproc, "train.batch_size",
-               "the global batch must hold at least one image per process (train.nproc)")
+    _check(p.compute.feature_batch_size >= 1, "compute.feature_batch_size", "must be >= 1")
+    _check(p.compute.num_workers == "auto" or p.compute.num_workers >= 0,
+           "compute.num_workers", "must be auto or >= 0")
+    _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", p.compute.device) is not None,
+           "compute.device", "one of auto, cpu, cuda, cuda:N (a GPU index), mps")
+    _check(p.compute.nproc == "auto" or p.compute.nproc >= 1, "compute.nproc",
+           "must be auto or >= 1")
+    if p.compute.nproc != "auto" and p.compute.nproc > 1:  # auto: every GPU, else 1
+        _check(p.compute.device != "mps", "compute.nproc",
+               "must be 1 with compute.device=mps (DDP runs on CUDA or CPU)")
+        _check(":" not in p.compute.device, "compute.nproc",
+               f"must be 1 with compute.device={p.compute.device} (one GPU); use "
+               "compute.device=cuda to run one process per GPU")
+        _check(p.train.batch_size >= p.compute.nproc, "train.batch_size",
+               "the global batch must hold at least one image per process (compute.nproc)")
     _check(p.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _check(bool(p.mlflow.experiment), "mlflow.experiment", "must not be empty")
     _check(bool(p.registry.model_name), "registry.model_name", "must not be empty")

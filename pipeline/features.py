@@ -200,7 +200,7 @@ def compiled_backbone(fused: nn.Module, batch_size: int, image_size: int,
     except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, keep going
         first_line = (str(exc).splitlines() or [""])[0]
         log.warning("torch.compile failed (%s: %s); extracting without it (set "
-                    "train.compile=never to skip trying)", type(exc).__name__, first_line)
+                    "compute.compile=never to skip trying)", type(exc).__name__, first_line)
         return None
     log.info("backbone compiled for extraction in %.1f s", time.perf_counter() - t0)
     return model

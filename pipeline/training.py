@@ -35,7 +35,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import ComputeConfig, ModelConfig, TrainConfig
 from pipeline.distributed import Group, cpu_cores, global_batch
 from pipeline.features import (
     loader_options,
@@ -83,6 +83,8 @@ class Compute:
     nproc: int  # processes (DDP when > 1)
     num_workers: int  # decoding workers per process
     threads: int  # torch threads per process
+    feature_batch_size: int = 16  # images per extraction batch
+    compile: str = "auto"  # torch.compile the extraction: auto | always | never
 
     @property
     def device_type(self) -> str:
@@ -95,12 +97,15 @@ class Compute:
                 "resolved.num_workers": self.num_workers, "resolved.torch_threads": self.threads}
 
 
-def resolve_compute(cfg: TrainConfig) -> Compute:
-    """``train.device`` / ``nproc`` / ``precision`` / ``num_workers`` on this machine;
+def resolve_compute(cfg: ComputeConfig, precision: str = "auto") -> Compute:
+    """The ``compute`` params (and ``train.precision``) on this machine;
     :class:`DeviceError` (naming the param) when the machine lacks what they ask for."""
     try:
         device = resolve_device(cfg.device)
-        precision = resolve_precision(cfg.precision, device)
+    except DeviceError as exc:
+        raise DeviceError(f"compute.{exc}") from None
+    try:
+        precision = resolve_precision(precision, device)
     except DeviceError as exc:
         raise DeviceError(f"train.{exc}") from None
     gpus = device_count(device.type)
@@ -109,14 +114,15 @@ def resolve_compute(cfg: TrainConfig) -> Compute:
     else:
         nproc = cfg.nproc
     if device.type == "cuda" and nproc > gpus:
-        raise DeviceError(f"train.nproc={nproc}: only {gpus} GPU(s) visible; one process "
-                          "per GPU (train.nproc=auto uses them all)")
+        raise DeviceError(f"compute.nproc={nproc}: only {gpus} GPU(s) visible; one process "
+                          "per GPU (compute.nproc=auto uses them all)")
     if device.type == "mps" and nproc > 1:
-        raise DeviceError("train.nproc must be 1 on Apple MPS (DDP runs on CUDA or CPU)")
+        raise DeviceError("compute.nproc must be 1 on Apple MPS (DDP runs on CUDA or CPU)")
     label = "cuda" if nproc > 1 and device.type == "cuda" else str(device)  # rank r: cuda:r
     threads = max(1, cpu_cores() // nproc) if nproc > 1 else torch.get_num_threads()
     return Compute(label, device_name(device), gpus, precision, nproc,
-                   loader_workers(cfg.num_workers, device.type, nproc), threads)
+                   loader_workers(cfg.num_workers, device.type, nproc), threads,
+                   cfg.feature_batch_size, cfg.compile)
 
 
 class LabeledImages(Dataset):
@@ -428,7 +434,7 @@ def train_model(
     """Train the network (``network`` from :func:`build_network`, built here when None) on
     the manifests, where ``compute`` says (resolved here when None); ``group``: this process
     is one rank of a DDP run (its device is the group's)."""
-    compute = compute or resolve_compute(train_cfg)
+    compute = compute or resolve_compute(ComputeConfig(), train_cfg.precision)
     device = group.device if group is not None else torch.device(compute.device)
     precision = compute.precision
     model, weights_used = network or build_network(model_cfg, len(classes), train_cfg.seed)
@@ -445,8 +451,8 @@ def train_model(
         backbone.to(memory_format=torch.channels_last).eval()
         common = dict(
             image_size=image_size, precision=precision, cache_dir=cache_dir,
-            batch_size=train_cfg.feature_batch_size, num_workers=compute.num_workers,
-            compile=train_cfg.compile, device=device, group=group,
+            batch_size=compute.feature_batch_size, num_workers=compute.num_workers,
+            compile=compute.compile, device=device, group=group,
         )
         # One call for both splits: one model preparation (and compile) for all misses.
         both = pd.concat([train_df, val_df], ignore_index=True)
@@ -479,7 +485,7 @@ def train_model(
         val_loader = DataLoader(
             _shard(LabeledImages(root, val_df, eval_resize_crop(image_size), image_size),
                    group),
-            batch_size=train_cfg.feature_batch_size, **options,
+            batch_size=compute.feature_batch_size, **options,
         )
         history = fit(_ddp(model, group), train_loader, val_loader, train_cfg,
                       freeze=model_cfg.freeze, precision=precision, on_epoch=on_epoch,

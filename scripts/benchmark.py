@@ -2,7 +2,7 @@
 
 1. feature extraction images/s on the default sample (train + val, 10,000 images), as the
    train stage runs it: the precision `train.precision` resolves to, compiled or not as
-   `train.compile` decides; and the eager path on a subset for comparison;
+   `compute.compile` decides; and the eager path on a subset for comparison;
 2. seconds per head epoch on the cached features of the full train split;
 3. wall time of `dvc exp run -S train.lr=0.001` after a full run (set --skip-exp to omit).
    Like any `dvc exp run`, it leaves that experiment applied to the workspace:
@@ -44,8 +44,8 @@ def extraction(params, paths: list[Path], precision: str, compile: str) -> dict:
     t0 = time.perf_counter()
     _, stats = compute_features(
         backbone, paths, store=None, image_size=params.data.image_size, precision=precision,
-        batch_size=params.train.feature_batch_size,
-        num_workers=loader_workers(params.train.num_workers, "cpu"),
+        batch_size=params.compute.feature_batch_size,
+        num_workers=loader_workers(params.compute.num_workers, "cpu"),
         compile=compile,
     )
     total = time.perf_counter() - t0
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=0,
                     help="images to extract (default: the whole train+val sample)")
     ap.add_argument("--eager-images", type=int, default=960,
-                    help="images for the eager (train.compile=never) comparison; 0 skips it")
+                    help="images for the eager (compute.compile=never) comparison; 0 skips it")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--skip-exp", action="store_true")
     args = ap.parse_args()
@@ -79,17 +79,17 @@ def main() -> None:
     auto = resolve_precision(params.train.precision, "cpu")  # this script measures the CPU
     out: dict = {"cpu_threads": torch.get_num_threads(), "bf16_native": cpu_bf16_supported(),
                  "precision": auto, "image_size": params.data.image_size,
-                 "batch_size": params.train.feature_batch_size,
-                 "decode_workers": loader_workers(params.train.num_workers, "cpu")}
-    # As the train stage runs it on the whole sample (train.compile decides compiling).
+                 "batch_size": params.compute.feature_batch_size,
+                 "decode_workers": loader_workers(params.compute.num_workers, "cpu")}
+    # As the train stage runs it on the whole sample (compute.compile decides compiling).
     out["extract"] = extraction(params, paths[: args.images or None], auto,
-                                params.train.compile)
+                                params.compute.compile)
     print(json.dumps(out, indent=2), flush=True)
     if args.eager_images:
         out["extract_eager"] = extraction(params, paths[: args.eager_images], auto, "never")
     if auto == "fp32" and cpu_bf16_supported():
         out["extract_bf16"] = extraction(params, paths[: args.eager_images or 960], "bf16",
-                                         params.train.compile)
+                                         params.compute.compile)
     print(json.dumps(out, indent=2), flush=True)
 
     # Head epochs on the cached features of the whole train/val split: the `train` stage's

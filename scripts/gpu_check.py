@@ -8,8 +8,8 @@ Three steps, each a separate process so that each can use its own Python:
   features, a fine-tune epoch (``freeze=layer4``, augmentation), inference as the logged model
   runs it on this machine's device and on the CPU, and, with >= 2 GPUs, DDP over all of them;
 - ``pipeline``: with the project's venv, the DVC pipeline in a scratch copy of the project
-  (its own MLflow store and feature cache): the default run with ``train.device=auto``, a
-  fine-tune run, and with >= 2 GPUs the same with ``train.nproc=auto``;
+  (its own MLflow store and feature cache): the default run with ``compute.device=auto``, a
+  fine-tune run, and with >= 2 GPUs the same with ``compute.nproc=auto``;
 - ``table``: one table of what the other steps wrote.
 
 ``--smoke``: tiny data on the CPU, checking the plumbing of this script itself (what
@@ -356,11 +356,11 @@ def pipeline(smoke: bool, out: Path) -> None:
     runs = [("pipeline default, device=auto (test acc)", [], "repro"),
             ("pipeline fine-tune layer4 + augment (test acc)", finetune, "exp")]
     if gpus >= 2:
-        runs += [("pipeline default, nproc=auto (test acc)", ["train.nproc=auto"], "exp"),
-                 ("pipeline fine-tune, nproc=auto (test acc)", [*finetune, "train.nproc=auto"],
+        runs += [("pipeline default, nproc=auto (test acc)", ["compute.nproc=auto"], "exp"),
+                 ("pipeline fine-tune, nproc=auto (test acc)", [*finetune, "compute.nproc=auto"],
                   "exp")]
     elif smoke:  # the plumbing, with 2 Gloo processes on the CPU
-        runs.append(("pipeline default, nproc=2 (test acc)", ["train.nproc=2"], "exp"))
+        runs.append(("pipeline default, nproc=2 (test acc)", ["compute.nproc=2"], "exp"))
     rows = []
     with tempfile.TemporaryDirectory(prefix="food101-gpu-check-pipeline-") as tmp:
         folder = Path(tmp) / "project"

@@ -2,7 +2,8 @@
 
 Inputs: ``reports/run.json``, ``data/manifests/test.csv`` (paths and sha256),
 ``reports/sample.json`` (image root, class order).
-Params: ``registry``, ``train.feature_batch_size``, ``train.num_workers``, ``train.device``.
+Params: ``registry``, ``compute.device``, ``compute.feature_batch_size``,
+``compute.num_workers``.
 Outputs: ``metrics/evaluate.json``, ``reports/promotion.json``, ``reports/per_class.csv``,
 ``plots/confusion.csv`` (dvc plots, confusion template), ``plots/per_class_accuracy.csv``
 (sorted bars), and the pictures ``plots/{confusion_matrix,per_class_accuracy,
@@ -21,7 +22,7 @@ def main(params: Params) -> None:
     report = handoffs.SampleReport.read()
     data = TestData(report.image_root(), report.classes,
                     handoffs.Manifest.read(handoffs.TEST_MANIFEST))
-    out = evaluate_and_log(data, handoffs.RunRef.read(), params.registry, params.train,
+    out = evaluate_and_log(data, handoffs.RunRef.read(), params.registry, params.compute,
                            feature_cache_dir())
     handoffs.write_json(handoffs.EVALUATE_METRICS, out.metrics)
     out.decision.write()

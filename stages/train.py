@@ -23,7 +23,8 @@ def main(params: Params) -> None:
                      handoffs.Manifest.read(handoffs.TRAIN_MANIFEST),
                      handoffs.Manifest.read(handoffs.VAL_MANIFEST))
     out = train_and_log(data, params.model, params.train, params.data.image_size,
-                        run_spec(params), feature_cache_dir())
+                        run_spec(params), feature_cache_dir(),
+                        params.compute)
     if out is None:  # one worker of an outside `torchrun --nnodes ...`: rank 0 writes
         return
     out.run.write()

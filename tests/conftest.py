@@ -134,9 +134,10 @@ def champion(tiny_demo, tmp_path_factory, migrated_db) -> SimpleNamespace:
         data = make_tiny_data(tiny_demo, tmp)
         p = data.params
         trained = train_and_log(TrainData(data.root, data.classes, data.train, data.val),
-                                p.model, p.train, p.data.image_size, run_spec(p), cache)
+                                p.model, p.train, p.data.image_size, run_spec(p), cache,
+                                p.compute)
         evaluated = evaluate_and_log(TestData(data.root, data.classes, data.test), trained.run,
-                                     p.registry, p.train, cache)
+                                     p.registry, p.compute, cache)
         _end_runs()
     return SimpleNamespace(uri=uri, tmp=tmp, cache=cache, data=data, params=data.params,
                            trained=trained, evaluated=evaluated, name=p.registry.model_name)

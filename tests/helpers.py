@@ -45,8 +45,8 @@ def tiny_params(**overrides):
         "demo": dict(TINY_DEMO),
         "sample": {"size": 48, "test_size": 16, "unlabeled_size": 6, "seed": 1},
         "split": {"val_fraction": 0.25},
-        "train": {"epochs": 2, "batch_size": 16, "log_every": 1, "num_workers": 0,
-                  "feature_batch_size": 16},
+        "train": {"epochs": 2, "batch_size": 16, "log_every": 1},
+        "compute": {"num_workers": 0, "feature_batch_size": 16},
     }
     for section, values in overrides.items():
         raw.setdefault(section, {}).update(values)

@@ -28,15 +28,18 @@ def test_committed_params_load():
         ({"data": {"source": "food101"}}, "data.root", "required"),
         ({"model": {"freeze": "all"}}, "model.freeze", "'backbone', 'layer4', 'none'"),
         ({"train": {"precision": "fp8"}}, "train.precision", "'auto', 'fp32', 'bf16', 'fp16'"),
-        ({"train": {"device": "gpu"}}, "train.device", "cuda:N"),
-        ({"train": {"device": "cuda:x"}}, "train.device", "cuda:N"),
-        ({"train": {"nproc": 0}}, "train.nproc", ">= 1"),
-        ({"train": {"nproc": "all"}}, "train.nproc", "'auto' or an integer"),
-        ({"train": {"nproc": 2, "device": "cuda:1"}}, "train.nproc", "train.device=cuda"),
-        ({"train": {"nproc": 2, "device": "mps"}}, "train.nproc", "must be 1"),
-        ({"train": {"nproc": 4, "batch_size": 2}}, "train.batch_size", "one image per"),
-        ({"train": {"num_workers": -1}}, "train.num_workers", ">= 0"),
-        ({"train": {"num_workers": "many"}}, "train.num_workers", "'auto' or an integer"),
+        ({"compute": {"device": "gpu"}}, "compute.device", "cuda:N"),
+        ({"compute": {"device": "cuda:x"}}, "compute.device", "cuda:N"),
+        ({"compute": {"nproc": 0}}, "compute.nproc", ">= 1"),
+        ({"compute": {"nproc": "all"}}, "compute.nproc", "'auto' or an integer"),
+        ({"compute": {"nproc": 2, "device": "cuda:1"}}, "compute.nproc", "compute.device=cuda"),
+        ({"compute": {"nproc": 2, "device": "mps"}}, "compute.nproc", "must be 1"),
+        ({"compute": {"nproc": 4}, "train": {"batch_size": 2}}, "train.batch_size",
+         "one image per"),
+        ({"train": {"device": "cpu"}}, "train.device", "moved to compute.device"),
+        ({"train": {"nproc": 2}}, "train.nproc", "moved to compute.nproc"),
+        ({"compute": {"num_workers": -1}}, "compute.num_workers", ">= 0"),
+        ({"compute": {"num_workers": "many"}}, "compute.num_workers", "'auto' or an integer"),
         ({"train": {"scheduler": "step"}}, "train.scheduler", "'none', 'cosine'"),
         ({"train": {"weight_decay": -0.1}}, "train.weight_decay", ">= 0"),
         ({"train": {"keep": "first"}}, "train.keep", "'last', 'best'"),
@@ -57,10 +60,11 @@ def test_valid_overrides_and_class_specs():
     assert p.sample.classes == ("a", "b")
     assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
     assert params_from_dict({"sample": {"classes": 5}}).sample.classes == 5
-    t = params_from_dict({"train": {"nproc": "auto", "num_workers": 3, "device": "cuda:1",
-                                    "weight_decay": 0}}).train
-    assert (t.nproc, t.num_workers, t.device, t.weight_decay) == ("auto", 3, "cuda:1", 0.0)
-    assert params_from_dict({"train": {"nproc": 2, "device": "cpu"}}).train.nproc == 2
+    p = params_from_dict({"compute": {"nproc": "auto", "num_workers": 3, "device": "cuda:1"},
+                          "train": {"weight_decay": 0}})
+    c = p.compute
+    assert (c.nproc, c.num_workers, c.device, p.train.weight_decay) == ("auto", 3, "cuda:1", 0.0)
+    assert params_from_dict({"compute": {"nproc": 2, "device": "cpu"}}).compute.nproc == 2
 
 
 def test_digest_changes_with_values():

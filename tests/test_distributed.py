@@ -82,15 +82,16 @@ def test_a_user_error_in_a_worker_is_reported_with_its_message(tmp_path):
 # -- the train job with 2 Gloo processes (slow: workers import torch and MLflow) ---------------
 
 
-def _train(data, store_tmp: Path, experiment: str, **train):
+def _train(data, store_tmp: Path, experiment: str, train: dict | None = None, **compute):
     from pipeline.jobs.train import TrainData, train_and_log
     from pipeline.runs.tracking import RunSpec
 
     p = data.params
-    p = dataclasses.replace(p, train=dataclasses.replace(p.train, **train))
-    spec = RunSpec(experiment, f"nproc={p.train.nproc}", {}, p.flat())
+    p = dataclasses.replace(p, compute=dataclasses.replace(p.compute, **compute),
+                            train=dataclasses.replace(p.train, **(train or {})))
+    spec = RunSpec(experiment, f"nproc={p.compute.nproc}", {}, p.flat())
     return train_and_log(TrainData(data.root, data.classes, data.train, data.val), p.model,
-                         p.train, p.data.image_size, spec, store_tmp / "features")
+                         p.train, p.data.image_size, spec, store_tmp / "features", p.compute)
 
 
 def _runs(experiment: str) -> list:
@@ -177,7 +178,7 @@ def test_killing_one_rank_fails_the_run_cleanly(tiny_data, mlflow_store, tmp_pat
     killer = threading.Thread(target=kill_one, daemon=True)
     killer.start()
     with pytest.raises(WorkerFailed, match=r"rank \d \(pid \d+\) was killed by SIGKILL"):
-        _train(tiny_data, tmp_path, "killed", nproc=2, epochs=300)
+        _train(tiny_data, tmp_path, "killed", train={"epochs": 300}, nproc=2)
     killer.join()
     (run,) = _runs("killed")
     assert run.info.status == "FAILED"
@@ -200,7 +201,7 @@ STAGE = textwrap.dedent("""
                      Manifest.read(cfg["val"]))
     try:
         train_and_log(data, p.model, p.train, p.data.image_size,
-                      RunSpec("stopped", "victim", {}, {}), None)
+                      RunSpec("stopped", "victim", {}, {}), None, p.compute)
     except KeyboardInterrupt as exc:
         sys.exit(signals.exit_code(exc))
 """)
@@ -212,7 +213,7 @@ def test_stopping_the_stage_stops_every_worker(tiny_data, mlflow_store, signum):
     """SIGTERM: the workers are stopped and the run ends KILLED (exit 143). SIGKILL of the
     stage: the kernel kills the workers with it (the run is reaped by the next one)."""
     cfg = {"params": {"data": {"image_size": 32},
-                      "train": {"nproc": 2, "epochs": 300, "batch_size": 16}},
+                      "train": {"epochs": 300, "batch_size": 16}, "compute": {"nproc": 2}},
            "root": str(tiny_data.root), "classes": list(tiny_data.classes),
            "train": str(tiny_data.paths["train"]), "val": str(tiny_data.paths["val"])}
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PYTHONPATH": str(REPO)}

@@ -142,14 +142,14 @@ def test_compute_on_this_cpu(gpus, monkeypatch):
 
     gpus(0)
     monkeypatch.setattr(training, "cpu_cores", lambda: 8)
-    c = resolve_compute(tiny_params(train={"num_workers": "auto"}).train)
+    c = resolve_compute(tiny_params(compute={"num_workers": "auto"}).compute)
     assert (c.device, c.nproc, c.num_workers) == ("cpu", 1, 0)
     assert c.as_params()["resolved.device"] == "cpu"
-    c = resolve_compute(tiny_params(train={"nproc": 2, "batch_size": 16}).train)
+    c = resolve_compute(tiny_params(compute={"nproc": 2}).compute)
     assert (c.nproc, c.threads) == (2, 4)  # cores // nproc per rank
-    assert resolve_compute(tiny_params(train={"nproc": "auto"}).train).nproc == 1
-    with pytest.raises(DeviceError, match="train.device cuda"):
-        resolve_compute(tiny_params(train={"device": "cuda"}).train)
+    assert resolve_compute(tiny_params(compute={"nproc": "auto"}).compute).nproc == 1
+    with pytest.raises(DeviceError, match="compute.device cuda"):
+        resolve_compute(tiny_params(compute={"device": "cuda"}).compute)
 
 
 def test_compute_with_gpus(gpus, monkeypatch):
@@ -157,14 +157,14 @@ def test_compute_with_gpus(gpus, monkeypatch):
 
     gpus(4)
     monkeypatch.setattr(features, "cpu_cores", lambda: 16)
-    c = resolve_compute(tiny_params(train={"nproc": "auto", "num_workers": "auto"}).train)
+    c = resolve_compute(tiny_params(compute={"nproc": "auto", "num_workers": "auto"}).compute)
     assert (c.device, c.nproc, c.precision, c.device_count) == ("cuda", 4, "bf16", 4)
     assert c.num_workers == 3  # 16 cores / 4 processes, one left for the process itself
-    one = resolve_compute(tiny_params(train={"device": "cuda:2"}).train)
+    one = resolve_compute(tiny_params(compute={"device": "cuda:2"}).compute)
     assert (one.device, one.nproc, one.device_name) == ("cuda:2", 1, "Mocked GPU")
-    assert resolve_compute(tiny_params(train={"num_workers": "auto"}).train).num_workers == 8
+    assert resolve_compute(tiny_params(compute={"num_workers": "auto"}).compute).num_workers == 8
     with pytest.raises(DeviceError, match="only 4 GPU"):
-        resolve_compute(tiny_params(train={"nproc": 5, "device": "cuda"}).train)
+        resolve_compute(tiny_params(compute={"nproc": 5, "device": "cuda"}).compute)
 
 
 class _Wrapper(nn.Module):

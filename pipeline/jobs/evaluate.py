@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline.config import RegistryConfig, TrainConfig
+from pipeline.config import ComputeConfig, RegistryConfig
 from pipeline.evaluation import (
     classification_metrics,
     confusion,
@@ -107,19 +107,19 @@ def evaluate_and_log(
     data: TestData,
     run: RunRef,
     registry_cfg: RegistryConfig,
-    train_cfg: TrainConfig,
+    compute_cfg: ComputeConfig,
     cache_dir: Path | None,
 ) -> EvalOutputs:
     """Test metrics (always against the true labels), per-class report and confusion matrix
     in the run; then a new registry version and the promotion gate.
 
-    ``train_cfg`` gives the device (``train.device``), the extraction batch size and decoding
-    workers; the precision is the one the logged model resolves on that device.
+    ``compute_cfg`` gives the device, the extraction batch size and decoding workers; the
+    precision is the one the logged model resolves on that device.
     """
     try:
-        device = resolve_device(train_cfg.device)  # checked before the run is re-opened
+        device = resolve_device(compute_cfg.device)  # checked before the run is re-opened
     except DeviceError as exc:
-        raise DeviceError(f"train.{exc}") from None
+        raise DeviceError(f"compute.{exc}") from None
     df = data.test.frame
     classes = list(data.classes)
     y_true = df["class_index"].to_numpy()
@@ -130,8 +130,9 @@ def evaluate_and_log(
             raise tracking.TrackingError(
                 "the logged model's classes differ from reports/sample.json: re-run train")
         probs = score_manifest(net, card, data.root, df, cache_dir=cache_dir,
-                               batch_size=train_cfg.feature_batch_size,
-                               num_workers=loader_workers(train_cfg.num_workers, device.type),
+                               batch_size=compute_cfg.feature_batch_size,
+                               num_workers=loader_workers(compute_cfg.num_workers,
+                                                          device.type),
                                device=device)
         y_pred = probs.argmax(1)
         metrics = classification_metrics(y_true, probs)
@@ -158,7 +159,7 @@ def evaluate_and_log(
         })
         decision = registry.gate(name, version, metrics["test_accuracy"], digest,
                                  registry_cfg.min_delta,
-                                 champion_scorer(data.root, df, train_cfg.feature_batch_size),
+                                 champion_scorer(data.root, df, compute_cfg.feature_batch_size),
                                  run_id)
         tracking.set_tags({"registered_version": version,
                            "promotion": "promoted" if decision.promoted else "rejected"})

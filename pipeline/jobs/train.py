@@ -19,7 +19,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pipeline import distributed
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import ComputeConfig, ModelConfig, TrainConfig
 from pipeline.distributed import Group
 from pipeline.handoffs import Manifest, RunRef
 from pipeline.model import pyfunc
@@ -133,6 +133,7 @@ def train_and_log(
     image_size: int,
     run: tracking.RunSpec,
     cache_dir: Path | None,
+    compute_cfg: ComputeConfig,
 ) -> TrainOutputs | None:
     """Train in a new MLflow run: per-epoch metrics with their step, resolved values (the
     device, precision, processes...), the learning curves, the manifests as datasets, and the
@@ -145,7 +146,7 @@ def train_and_log(
     process is one rank: rank 0 owns the run and returns the outputs, the others train and
     return None.
     """
-    compute = resolve_compute(train_cfg)
+    compute = resolve_compute(compute_cfg, train_cfg.precision)
     with distributed.torchrun_group(compute.device_type) as group:
         if group is not None:
             compute = dataclasses.replace(

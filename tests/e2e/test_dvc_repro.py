@@ -120,14 +120,14 @@ def test_sample_size_experiment(project):
 
 
 def test_ddp_experiment_is_one_run_with_a_version_and_a_decision(project):
-    """`dvc exp run -S train.nproc=2`: two Gloo workers, one MLflow run, a registered version
+    """`dvc exp run -S compute.nproc=2`: two Gloo workers, one MLflow run, a registered version
     and a champion decision, the validation accuracy of one process."""
     repo, env, _ = project
     one = json.loads((repo / "metrics" / "train.json").read_text())["val_accuracy"]
     client = _client(repo)
     exp_id = client.get_experiment_by_name("food101").experiment_id
     before = {r.info.run_id for r in client.search_runs([exp_id])}
-    out = _sh(repo, "dvc", "exp", "run", "-S", "train.nproc=2", env=env)
+    out = _sh(repo, "dvc", "exp", "run", "-S", "compute.nproc=2", env=env)
     assert ran_stages(out) == {"train", "evaluate", "champion", "predict"}
     new = [r for r in client.search_runs([exp_id]) if r.info.run_id not in before]
     assert len(new) == 1 and new[0].info.status == "FINISHED"
