@@ -151,7 +151,7 @@ def test_an_unreachable_server_stops_train_before_any_work(tiny_data, tmp_path, 
     data = TrainData(tiny_data.root, tiny_data.classes, tiny_data.train, tiny_data.val)
     with pytest.raises(StoreError) as err:
         train_and_log(data, p.model, p.train, 32, tracking.RunSpec("e", "n", {}, {}),
-                      tmp_path / "features")
+                      tmp_path / "features", p.compute)
     assert uri in str(err.value) and "reach the store" in str(err.value)
     assert not (tmp_path / "features").exists()  # no feature was extracted
 
@@ -168,7 +168,7 @@ def test_missing_weights_stop_train_before_a_run_is_opened(tiny_data, tmp_path, 
     data = TrainData(tiny_data.root, tiny_data.classes, tiny_data.train, tiny_data.val)
     with pytest.raises(WeightsError, match="resnet50-11ad3fa6.pth"):
         train_and_log(data, p.model, p.train, 32, tracking.RunSpec("weights", "n", {}, {}),
-                      None)
+                      None, p.compute)
     assert mlflow.get_experiment_by_name("weights") is None  # no run, not even an experiment
 
 
