@@ -298,6 +298,8 @@ class Manifest(CsvHandoff):
     """``data/manifests/{sample,train,val,test}.csv``: ``path`` (relative to the image root),
     ``label``, ``class_index`` and the ``sha256`` of the image bytes ``sample`` checked."""
 
+    # ``sha256`` pins each image's bytes: the manifests change whenever a listed photo does,
+    # so the stages after ``split`` depend on them alone and DVC never re-hashes the source.
     columns: ClassVar[tuple[str, ...]] = ("path", "label", "class_index", "sha256")
     dtypes: ClassVar[dict[str, Any]] = {"path": str, "label": str, "sha256": str}
     written_by: ClassVar[str] = "sample"
