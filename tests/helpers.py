@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -83,6 +88,56 @@ def make_tiny_data(demo_root: Path, folder: Path, **overrides) -> SimpleNamespac
         test=Manifest.read(paths["test"]), key=UnlabeledKey.read(paths["unlabeled_key"]),
         paths=paths, unlabeled=folder / "unlabeled",
     )
+
+
+# -- bad images: one file of each kind that decoding must refuse or convert -----------------
+
+
+def bomb_png(width: int = 24_000, height: int = 24_000) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels, in a few dozen bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def photo(size=(96, 80), colour=(200, 120, 40)) -> Image.Image:
+    """A plain RGB picture: one colour, one rectangle of another."""
+    img = Image.new("RGB", size, colour)
+    img.paste((30, 60, 200), (10, 10, 50, 40))
+    return img
+
+
+def write_zoo(folder: Path, base: Image.Image | None = None) -> dict[str, str]:
+    """One file of each kind into ``folder``: name -> "bad" | "odd" (to be converted) |
+    "stray" (not an image name)."""
+    base = base or photo()
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    base.save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not a photo\n")
+    (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
+    (folder / "bomb.png").write_bytes(bomb_png())
+    base.convert("CMYK").save(folder / "cmyk.jpg", "JPEG")
+    base.convert("P").save(folder / "palette.png", transparency=0)
+    Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257).save(
+        folder / "gray16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 on display
+    base.save(folder / "rotated.jpg", "JPEG", exif=exif)
+    base.save(folder / "png_named.jpg", "PNG")
+    base.save(folder / "photo.webp", "WEBP")
+    (folder / "notes.txt").write_text("stray file")
+    return {"truncated.jpg": "bad", "zero.jpg": "bad", "text.jpg": "bad",
+            "dangling.jpg": "bad", "bomb.png": "bad", "cmyk.jpg": "odd",
+            "palette.png": "odd", "gray16.png": "odd", "rotated.jpg": "odd",
+            "png_named.jpg": "odd", "photo.webp": "odd", "notes.txt": "stray"}
 
 
 class EchoModel(mlflow.pyfunc.PythonModel):
@@ -217,6 +272,18 @@ def ran_stages(output: str) -> set[str]:
     import re
 
     return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def poll(check, seconds: float, what: str, every: float = 0.2):
+    """Call ``check()`` until it returns something truthy, and return that; fail the test
+    naming ``what`` when ``seconds`` pass first. (Waits for a state, measures nothing.)"""
+    deadline = time.monotonic() + seconds
+    while True:
+        if result := check():
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {seconds} s")
+        time.sleep(every)
 
 
 def wait_for_http(url: str, proc, seconds: float, what: str) -> None:
