@@ -216,10 +216,25 @@ TINY_PROJECT = {
     "demo": {"classes": 4, "train_per_class": 20, "test_per_class": 10, "min_side": 40,
              "max_side": 56},
     "sample": {"size": 60, "test_size": 20, "unlabeled_size": 6},
-    "train": {"epochs": 2, "batch_size": 16, "log_every": 2, "num_workers": 0},
+    "train": {"epochs": 2, "batch_size": 16, "log_every": 2},
+    "compute": {"num_workers": 0},
 }
-PROJECT_FILES = ("pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml",
+PROJECT_FILES = ("pipeline", "stages", "dvc.yaml", "pyproject.toml",
                  ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+# What `dvc exp run` rewrites in the workspace (it applies an experiment's `-S` params and
+# results there): a copy of the project takes these as committed at HEAD, so the tests start
+# from the committed params (plus their own overrides), whatever experiment ran last here.
+# dvc.yaml is copied from the working tree like the code: experiments never write it, and it
+# must name the modules of the code being tested.
+COMMITTED_FILES = ("params.yaml", "dvc.lock")
+
+
+def committed_text(rel: str, repo: Path = REPO) -> str:
+    """The file ``rel`` as committed at HEAD of ``repo`` (not as the workspace has it now)."""
+    proc = subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=repo, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, f"git show HEAD:{rel} in {repo}: {proc.stderr.strip()}"
+    return proc.stdout
 
 
 def sh(cwd: Path, *args: str, env: dict, check: bool = True,
@@ -233,13 +248,14 @@ def sh(cwd: Path, *args: str, env: dict, check: bool = True,
     return proc
 
 
-def make_project(repo: Path, params: dict | None = None) -> dict:
-    """A git repository at ``repo`` holding this project's code, pipeline and tiny params
-    (``params`` overrides them per section); returns the environment to run it in (the
-    venv's tools first, its own MLflow store and feature cache)."""
+def make_project(repo: Path, params: dict | None = None, source: Path = REPO) -> dict:
+    """A git repository at ``repo`` holding the code and pipeline of ``source`` (this
+    project) and its committed params.yaml made tiny (``params`` overrides it per section);
+    returns the environment to run it in (the venv's tools first, its own MLflow store and
+    feature cache)."""
     repo.mkdir(parents=True)
     for name in PROJECT_FILES:
-        src, dst = REPO / name, repo / name
+        src, dst = source / name, repo / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
@@ -247,7 +263,7 @@ def make_project(repo: Path, params: dict | None = None) -> dict:
             shutil.copy(src, dst)
     import yaml
 
-    values = yaml.safe_load((repo / "params.yaml").read_text())
+    values = yaml.safe_load(committed_text("params.yaml", source))
     for overrides in (TINY_PROJECT, params or {}):
         for section, section_values in overrides.items():
             values.setdefault(section, {}).update(section_values)
