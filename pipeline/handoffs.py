@@ -22,7 +22,7 @@ from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
 
-from pipeline.config import from_mapping
+from pipeline.config import parse, typed
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_bytes
 
@@ -112,7 +112,8 @@ J = TypeVar("J", bound="JsonHandoff")
 
 
 class JsonHandoff:
-    """A frozen dataclass stored as one JSON object with exactly its fields."""
+    """A frozen, typed dataclass (:func:`pipeline.config.typed`) stored as one JSON object
+    with exactly its fields: reading checks them as params.yaml is checked."""
 
     default_path: ClassVar[Path]
     written_by: ClassVar[str]  # the stage that writes it (for "run dvc repro <stage>")
@@ -132,12 +133,12 @@ class JsonHandoff:
         except json.JSONDecodeError as exc:
             raise _stale(path, f"not JSON ({exc})") from exc
         try:
-            return from_mapping(cls, raw, path.stem, HandoffError, require_all=True)
+            return parse(cls, raw, path.stem, HandoffError)
         except HandoffError as exc:
             raise _stale(path, str(exc)) from exc
 
 
-@dataclass(frozen=True)
+@typed
 class SourceInfo(JsonHandoff):
     """``data/source/source.json``: what ``prepare`` materialised and where its images are."""
 
@@ -163,14 +164,14 @@ class SourceInfo(JsonHandoff):
         return root
 
 
-@dataclass(frozen=True)
+@typed
 class SkippedFile:
     path: str
     split: str  # train | test | unlabeled: which list it was drawn from
     reason: str
 
 
-@dataclass(frozen=True)
+@typed
 class SampleReport(JsonHandoff):
     """``reports/sample.json``: the image root and class order every later stage uses, the
     counts, and every unreadable file the sample skipped, with the reason."""
@@ -198,7 +199,7 @@ class SampleReport(JsonHandoff):
         return root
 
 
-@dataclass(frozen=True)
+@typed
 class RunRef(JsonHandoff):
     """``reports/run.json``: the MLflow run that ``train`` opened and ``evaluate``/``predict``
     continue, and the model it logged."""
@@ -211,7 +212,7 @@ class RunRef(JsonHandoff):
     model_uri: str
 
 
-@dataclass(frozen=True)
+@typed
 class Promotion(JsonHandoff):
     """``reports/promotion.json``: the registry decision of the last ``evaluate``, either way,
     and why."""
@@ -232,7 +233,7 @@ class Promotion(JsonHandoff):
     run_id: str
 
 
-@dataclass(frozen=True)
+@typed
 class ChampionRef(JsonHandoff):
     """``reports/champion.json``: the registry version that ``predict.model`` (an alias, by
     default ``champion``) names right now. Rewritten by the always-changed ``champion``
@@ -297,6 +298,8 @@ class Manifest(CsvHandoff):
     """``data/manifests/{sample,train,val,test}.csv``: ``path`` (relative to the image root),
     ``label``, ``class_index`` and the ``sha256`` of the image bytes ``sample`` checked."""
 
+    # ``sha256`` pins each image's bytes: the manifests change whenever a listed photo does,
+    # so the stages after ``split`` depend on them alone and DVC never re-hashes the source.
     columns: ClassVar[tuple[str, ...]] = ("path", "label", "class_index", "sha256")
     dtypes: ClassVar[dict[str, Any]] = {"path": str, "label": str, "sha256": str}
     written_by: ClassVar[str] = "sample"

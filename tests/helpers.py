@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -83,6 +88,56 @@ def make_tiny_data(demo_root: Path, folder: Path, **overrides) -> SimpleNamespac
         test=Manifest.read(paths["test"]), key=UnlabeledKey.read(paths["unlabeled_key"]),
         paths=paths, unlabeled=folder / "unlabeled",
     )
+
+
+# -- bad images: one file of each kind that decoding must refuse or convert -----------------
+
+
+def bomb_png(width: int = 24_000, height: int = 24_000) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels, in a few dozen bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def photo(size=(96, 80), colour=(200, 120, 40)) -> Image.Image:
+    """A plain RGB picture: one colour, one rectangle of another."""
+    img = Image.new("RGB", size, colour)
+    img.paste((30, 60, 200), (10, 10, 50, 40))
+    return img
+
+
+def write_zoo(folder: Path, base: Image.Image | None = None) -> dict[str, str]:
+    """One file of each kind into ``folder``: name -> "bad" | "odd" (to be converted) |
+    "stray" (not an image name)."""
+    base = base or photo()
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    base.save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not a photo\n")
+    (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
+    (folder / "bomb.png").write_bytes(bomb_png())
+    base.convert("CMYK").save(folder / "cmyk.jpg", "JPEG")
+    base.convert("P").save(folder / "palette.png", transparency=0)
+    Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257).save(
+        folder / "gray16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 on display
+    base.save(folder / "rotated.jpg", "JPEG", exif=exif)
+    base.save(folder / "png_named.jpg", "PNG")
+    base.save(folder / "photo.webp", "WEBP")
+    (folder / "notes.txt").write_text("stray file")
+    return {"truncated.jpg": "bad", "zero.jpg": "bad", "text.jpg": "bad",
+            "dangling.jpg": "bad", "bomb.png": "bad", "cmyk.jpg": "odd",
+            "palette.png": "odd", "gray16.png": "odd", "rotated.jpg": "odd",
+            "png_named.jpg": "odd", "photo.webp": "odd", "notes.txt": "stray"}
 
 
 class EchoModel(mlflow.pyfunc.PythonModel):
@@ -164,8 +219,22 @@ TINY_PROJECT = {
     "train": {"epochs": 2, "batch_size": 16, "log_every": 2},
     "compute": {"num_workers": 0},
 }
-PROJECT_FILES = ("pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml",
+PROJECT_FILES = ("pipeline", "stages", "dvc.yaml", "pyproject.toml",
                  ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+# What `dvc exp run` rewrites in the workspace (it applies an experiment's `-S` params and
+# results there): a copy of the project takes these as committed at HEAD, so the tests start
+# from the committed params (plus their own overrides), whatever experiment ran last here.
+# dvc.yaml is copied from the working tree like the code: experiments never write it, and it
+# must name the modules of the code being tested.
+COMMITTED_FILES = ("params.yaml", "dvc.lock")
+
+
+def committed_text(rel: str, repo: Path = REPO) -> str:
+    """The file ``rel`` as committed at HEAD of ``repo`` (not as the workspace has it now)."""
+    proc = subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=repo, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, f"git show HEAD:{rel} in {repo}: {proc.stderr.strip()}"
+    return proc.stdout
 
 
 def sh(cwd: Path, *args: str, env: dict, check: bool = True,
@@ -179,13 +248,14 @@ def sh(cwd: Path, *args: str, env: dict, check: bool = True,
     return proc
 
 
-def make_project(repo: Path, params: dict | None = None) -> dict:
-    """A git repository at ``repo`` holding this project's code, pipeline and tiny params
-    (``params`` overrides them per section); returns the environment to run it in (the
-    venv's tools first, its own MLflow store and feature cache)."""
+def make_project(repo: Path, params: dict | None = None, source: Path = REPO) -> dict:
+    """A git repository at ``repo`` holding the code and pipeline of ``source`` (this
+    project) and its committed params.yaml made tiny (``params`` overrides it per section);
+    returns the environment to run it in (the venv's tools first, its own MLflow store and
+    feature cache)."""
     repo.mkdir(parents=True)
     for name in PROJECT_FILES:
-        src, dst = REPO / name, repo / name
+        src, dst = source / name, repo / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
@@ -193,7 +263,7 @@ def make_project(repo: Path, params: dict | None = None) -> dict:
             shutil.copy(src, dst)
     import yaml
 
-    values = yaml.safe_load((repo / "params.yaml").read_text())
+    values = yaml.safe_load(committed_text("params.yaml", source))
     for overrides in (TINY_PROJECT, params or {}):
         for section, section_values in overrides.items():
             values.setdefault(section, {}).update(section_values)
@@ -218,6 +288,18 @@ def ran_stages(output: str) -> set[str]:
     import re
 
     return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def poll(check, seconds: float, what: str, every: float = 0.2):
+    """Call ``check()`` until it returns something truthy, and return that; fail the test
+    naming ``what`` when ``seconds`` pass first. (Waits for a state, measures nothing.)"""
+    deadline = time.monotonic() + seconds
+    while True:
+        if result := check():
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {seconds} s")
+        time.sleep(every)
 
 
 def wait_for_http(url: str, proc, seconds: float, what: str) -> None:

@@ -298,3 +298,18 @@ def test_a_browser_opens_only_where_a_desktop_exists(monkeypatch):
     assert not _desktop()  # a server, CI, ssh: print the links only
     monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")
     assert _desktop()
+
+
+@pytest.mark.slow
+def test_the_cli_labels_the_readable_files_and_reports_the_others(champion_store, tmp_path,
+                                                                  capsys):
+    from helpers import bomb_png
+
+    c = champion_store
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
+    good = str(c.data.root / c.data.test.frame["path"].iloc[0])
+    capsys.readouterr()
+    assert main(["--name", c.name, "predict", "--json", str(tmp_path / "bomb.png"), good]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["label"] is None and "decompression bomb" in rows[0]["error"]
+    assert rows[1]["label"] == c.evaluated.confusion["predicted"].iloc[0]

@@ -26,11 +26,6 @@ from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
-# ``sha256`` pins each image's bytes: the manifests change whenever a listed photo does, so
-# the stages after ``split`` depend on them alone and DVC never re-hashes the whole source.
-MANIFEST_COLUMNS = ["path", "label", "class_index", "sha256"]
-
-
 class SampleError(PipelineError, ValueError):
     """The sample cannot be drawn as configured (too large, unknown class, ...)."""
 
@@ -152,7 +147,7 @@ def _manifest(df: pd.DataFrame, classes: list[str], digests: dict[str, str]) -> 
     index = {c: i for i, c in enumerate(classes)}
     out = df.assign(class_index=df["label"].map(index).astype(int),
                     sha256=df["path"].map(digests))
-    return out.sort_values(["class_index", "path"], ignore_index=True)[MANIFEST_COLUMNS]
+    return out.sort_values(["class_index", "path"], ignore_index=True)[list(Manifest.columns)]
 
 
 @dataclass(frozen=True)

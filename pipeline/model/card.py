@@ -3,6 +3,15 @@
 Stored as ``card.json`` beside the weights inside every logged model. Reading checks every
 field, so a card of another format is refused with a clear message instead of being
 half-understood.
+
+The check is hand-written, not pydantic (which checks ``params.yaml`` and the hand-off files),
+on purpose: this module is shipped inside every logged model and runs in the consumer's
+environment, whose packages are the model's declared requirements (mlflow, torch, torchvision,
+pillow, numpy, pandas); pydantic is there only as one of mlflow's own dependencies, which a
+later mlflow may change. ``HeadSpec`` and ``Preprocessing`` are plain dataclasses of this
+package, and the card's messages (missing or unknown fields, a scalar of the wrong type) are
+pinned by ``tests/model/test_card.py``: forty lines of checks cost less than a dependency
+every model would carry undeclared.
 """
 
 from __future__ import annotations

@@ -2,11 +2,20 @@
 decodable images."""
 
 import hashlib
+import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import require_shared_photos, tiny_params
+from helpers import (
+    make_project,
+    photo,
+    require_shared_photos,
+    sh,
+    tiny_params,
+    write_zoo,
+)
 from PIL import Image
 
 from pipeline.config import SampleConfig, SplitConfig
@@ -166,3 +175,85 @@ def test_manifests_pin_each_image_by_sha256(tiny_demo):
         assert list(df.columns[:4]) == ["path", "label", "class_index", "sha256"]
         for rel, digest in zip(df["path"], df["sha256"], strict=True):
             assert digest == hashlib.sha256((tiny_demo / rel).read_bytes()).hexdigest()
+
+
+# -- the image zoo: bad files skipped with the reason, odd ones converted and used --------
+
+
+def _zoo_folder(root: Path) -> dict:
+    """Classes of equal size, the zoo inside the first one: a sample that asks for every
+    readable train image must try every file of the train list."""
+    kinds = write_zoo(root / "dish_a")
+    n_zoo = sum(k != "stray" for k in kinds.values())
+    for c, colour in (("dish_a", (200, 60, 60)), ("dish_b", (60, 200, 60)),
+                      ("dish_c", (60, 60, 200))):
+        (root / c).mkdir(exist_ok=True)
+        for i in range(24 - (n_zoo if c == "dish_a" else 0)):
+            photo(colour=tuple(min(255, v + 5 * i) for v in colour)).save(root / c / f"{i}.jpg")
+    return {f"dish_a/{n}": k for n, k in kinds.items()}
+
+
+def test_sample_skips_the_bad_files_and_uses_the_odd_ones(tmp_path):
+    from pipeline.data.sources import index_imagefolder
+
+    kinds = _zoo_folder(tmp_path)
+    root, index, classes, ignored = index_imagefolder(tmp_path, 0.25, seed=0)
+    assert ignored == 1  # notes.txt
+    assert set(index["path"]) == {p for p, k in kinds.items() if k != "stray"} | set(
+        index.loc[~index["path"].str.startswith("dish_a/") | ~index["path"].isin(kinds), "path"])
+    train = set(index.loc[index["split"] == "train", "path"])
+    bad = {p for p, k in kinds.items() if k == "bad"}
+    odd = {p for p, k in kinds.items() if k == "odd"}
+    size = len(train - bad)  # every readable train image
+    params = tiny_params(sample={"size": size, "test_size": 6, "unlabeled_size": 2})
+    res = draw_sample(root, index, classes, params.sample, 32)
+    used = set(res.sample.frame["path"]) | set(res.test.frame["path"]) | set(
+        res.unlabeled_key.frame["source_path"])
+    skipped = {s.path: s.reason for s in res.report.skipped}
+    assert not used & bad  # no bad file in any manifest
+    assert train & bad <= set(skipped) <= bad  # every bad one it touched, with the reason
+    assert all(skipped.values()) and res.report.skipped_count == len(skipped)
+    assert train & odd <= set(res.sample.frame["path"])  # the odd formats are used
+
+
+@pytest.mark.slow
+def test_real_photos_with_one_bad_file_of_each_kind(tmp_path):
+    """An ImageFolder of real Food-101 photos plus the zoo: `dvc repro` succeeds, no bad file
+    in any manifest, each one the sample touched is listed with its reason, the odd formats
+    are used."""
+    from pipeline.data.sources import index_imagefolder
+
+    mini = require_shared_photos()
+    folder = tmp_path / "photos"
+    classes = sorted(p.name for p in (mini / "images").iterdir())[:3]
+    base = Image.open(next((mini / "images" / classes[0]).glob("*.jpg"))).convert("RGB")
+    kinds = {f"{classes[0]}/{n}": k for n, k in write_zoo(folder / classes[0], base).items()}
+    n_zoo = sum(k != "stray" for k in kinds.values())
+    for c in classes:
+        (folder / c).mkdir(exist_ok=True)
+        photos = sorted((mini / "images" / c).glob("*.jpg"))
+        for src in photos[: 30 - (n_zoo if c == classes[0] else 0)]:
+            (folder / c / src.name).symlink_to(src)
+    _, index, _, _ = index_imagefolder(folder, 0.3, seed=0)
+    train = set(index.loc[index["split"] == "train", "path"])
+    bad = {p for p, k in kinds.items() if k == "bad"}
+    odd = {p for p, k in kinds.items() if k == "odd"}
+    repo = tmp_path / "repo"
+    env = make_project(repo, {
+        "data": {"source": "imagefolder", "root": str(folder), "image_size": 32,
+                 "test_fraction": 0.3, "seed": 0},
+        "sample": {"size": len(train - bad), "test_size": 12, "unlabeled_size": 4},
+    })
+    sh(repo, "dvc", "repro", env=env)
+    report = json.loads((repo / "reports" / "sample.json").read_text())
+    source = json.loads((repo / "data" / "source" / "source.json").read_text())
+    assert source["ignored_files"] == 1
+    sample = pd.read_csv(repo / "data" / "manifests" / "sample.csv")
+    test = pd.read_csv(repo / "data" / "manifests" / "test.csv")
+    key = pd.read_csv(repo / "data" / "manifests" / "unlabeled_key.csv")
+    used = set(sample["path"]) | set(test["path"]) | set(key["source_path"])
+    skipped = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert not used & bad
+    assert train & bad <= set(skipped) <= bad and all(skipped.values())
+    assert train & odd <= set(sample["path"])
+    assert (repo / "predictions" / "predictions.csv").is_file()

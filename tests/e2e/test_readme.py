@@ -29,7 +29,16 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from helpers import REPO, TINY_PROJECT, free_port, printed_links, stop_group, wait_for_http
+from helpers import (
+    COMMITTED_FILES,
+    REPO,
+    TINY_PROJECT,
+    committed_text,
+    free_port,
+    printed_links,
+    stop_group,
+    wait_for_http,
+)
 
 WAYS = ("activated", "prefix")
 CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -141,6 +150,8 @@ def clone(tmp_path_factory):
         if (REPO / rel).is_file():
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, repo / rel)  # keeps stages/python executable
+    for rel in COMMITTED_FILES:  # not what the last `dvc exp run` left in the workspace
+        (repo / rel).write_text(committed_text(rel))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in TINY_PROJECT.items():
         params[section].update(values)

@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+from helpers import bomb_png, write_zoo
 from PIL import Image
 
 from pipeline.model.errors import ImageDecodeError
@@ -79,3 +80,18 @@ def test_draft_keeps_at_least_the_requested_side(tmp_path):
     f.write_bytes(_jpeg((800, 600)))
     img = load_image(f, min_side=128)
     assert min(img.size) >= 128 and img.size[0] < 800  # decoded at a reduced scale
+
+
+def test_the_image_zoo_decodes_or_is_refused_with_the_reason(tmp_path):
+    kinds = write_zoo(tmp_path)
+    for name, kind in kinds.items():
+        if kind == "bad":
+            with pytest.raises(ImageDecodeError) as err:
+                load_image(tmp_path / name)
+            assert name in str(err.value)
+        elif kind == "odd":
+            img = load_image(tmp_path / name)
+            assert img.mode == "RGB" and min(img.size) >= 80, name
+    assert load_image(tmp_path / "rotated.jpg").size == (80, 96)  # EXIF applied
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        load_image(bomb_png(10_000, 9_000))  # between PIL's warning and error limits

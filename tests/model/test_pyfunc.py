@@ -71,6 +71,7 @@ def _test_paths(champion) -> list[str]:
     return [str(champion.data.root / p) for p in champion.data.test.frame["path"]]
 
 
+@pytest.mark.slow  # end to end: a fresh interpreter loads the model from the registry
 def test_a_fresh_isolated_process_predicts_what_the_evaluation_did(champion_store, env,
                                                                    tmp_path):
     """`python -I` outside the repository: the labels of the pipeline's own evaluation."""
