@@ -1,15 +1,20 @@
-"""The README's commands, typed as written, in a fresh clone after `make run`.
+"""The documented commands, typed as written, in a fresh clone after `make run`.
 
-Each bash block marked ``<!-- tested -->`` in README.md runs in a new shell with a clean
-environment (no venv on PATH, no MLFLOW_* variables, a fresh HOME), both ways the README
-promises: after `source .venv/bin/activate`, and with the `.venv/bin/` prefix. The
-long-running ones (`make ui`, `mlflow models serve`) are started, probed over HTTP and
-stopped. The clone gets tiny params (committed, so they are its baseline) and a `.venv` that
-borrows this test's virtualenv without rebuilding or redirecting it.
+Each code block after a ``<!-- tested: NAME -->`` line in README.md or docs/*.md runs in a new
+shell with a clean environment (no venv on PATH, no MLFLOW_* variables, a fresh HOME), both
+ways the README promises: after `source .venv/bin/activate`, and with the `.venv/bin/`
+prefix. A test types each block by its NAME, wherever the block lives. The long-running
+ones (`make ui`, `mlflow models serve`) are started, probed over HTTP and stopped. The clone
+gets tiny params (committed, so they are its baseline) and a `.venv` that borrows this test's
+virtualenv without rebuilding or redirecting it.
 
 What the test changes in a command, and why: ports (free ones instead of 5000/5001), and
 the values of `dvc exp run -S` the second time (the same values would be restored from
 DVC's run-cache without running a stage, so the prefix way would prove nothing).
+
+The fast tests read the pages only: every marked block has a test, every relative link
+resolves, every `-S key=` and `make <target>` names what params.yaml and the Makefile have,
+and docs/parameters.md lists every key of params.yaml.
 """
 
 from __future__ import annotations
@@ -46,42 +51,156 @@ START_WAIT = 180  # seconds for `make ui` / `mlflow models serve` to answer
 YEAR_2000 = 946_684_800
 
 
-# -- the README, read the way a person reads it ------------------------------------------------
+# -- the pages, read the way a person reads them ----------------------------------------------
 
-def readme_blocks() -> list[tuple[str, list[str]]]:
-    """(language, commands) of every code block after a ``<!-- tested -->`` line: comments
-    dropped, continuation lines joined, the venv's activation line left out (a way, not a
-    command)."""
-    text = (REPO / "README.md").read_text()
-    blocks = re.findall(r"<!-- tested -->\n```(\w+)\n(.*?)```", text, re.S)
-    out = []
-    for lang, body in blocks:
-        if lang == "python":
-            out.append((lang, [body]))
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# Every marked block, by name: what the slow tests below type. A new marked block needs a test.
+TESTED = {"everyday", "ui", "serve", "load"}
+MARKER = re.compile(r"<!-- tested(?::\s*([\w-]+))?\s*-->\n(```(\w+)\n(.*?)```)?", re.S)
+
+
+def _commands_of(lang: str, body: str) -> list[str]:
+    """The commands of a block: comments dropped, continuation lines joined, the venv's
+    activation line left out (a way, not a command); a python block is one command."""
+    if lang == "python":
+        return [body]
+    commands, pending = [], ""
+    for raw in body.splitlines():
+        line = re.sub(r"\s{2,}#.*$", "", raw).rstrip()  # a trailing comment
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
-        commands, pending = [], ""
-        for raw in body.splitlines():
-            line = re.sub(r"\s{2,}#.*$", "", raw).rstrip()  # a trailing comment
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            if line.endswith("\\"):
-                pending += line[:-1].strip() + " "
-                continue
-            command = (pending + line.strip()).strip()
-            pending = ""
-            if command != "source .venv/bin/activate":
-                commands.append(command)
-        out.append((lang, commands))
+        if line.endswith("\\"):
+            pending += line[:-1].strip() + " "
+            continue
+        command = (pending + line.strip()).strip()
+        pending = ""
+        if command != "source .venv/bin/activate":
+            commands.append(command)
+    return commands
+
+
+def marked_blocks() -> list[tuple[Path, str | None, str | None, list[str]]]:
+    """(page, name, language, commands) of every ``<!-- tested: NAME -->`` marker in README.md
+    and docs/*.md; name or language is None where the marker is malformed."""
+    out = []
+    for page in PAGES:
+        for m in MARKER.finditer(page.read_text()):
+            name, lang, body = m.group(1), m.group(3), m.group(4)
+            out.append((page, name, lang, _commands_of(lang, body) if lang else []))
     return out
 
 
+def blocks_by_name() -> dict[str, tuple[str, list[str]]]:
+    """name -> (language, commands) of every marked block, wherever it lives."""
+    return {name: (lang, commands) for _, name, lang, commands in marked_blocks()}
+
+
+def test_every_marked_block_has_a_name_and_a_test():
+    marked = marked_blocks()
+    where = [(page.name, name, lang) for page, name, lang, _ in marked]
+    assert all(name and lang for _, name, lang in where), where  # `<!-- tested: NAME -->` + ```
+    names = [name for _, name, _ in where]
+    assert sorted(names) == sorted(TESTED), where  # each name once; none without a test
+    assert all(commands for *_, commands in marked), where
+
+
 def test_the_readme_blocks_hold_the_everyday_commands():
-    commands = [c for _, cs in readme_blocks() for c in cs]
+    commands = [c for _, cs in blocks_by_name().values() for c in cs]
     for expected in ("dvc exp run -S train.lr=", "dvc exp run --temp", "dvc exp show",
                      "dvc metrics show", "make plots", "python -m pipeline versions",
                      "python -m pipeline promote", "python -m pipeline rollback",
                      "python -m pipeline predict", "make ui", "mlflow models serve", "curl "):
         assert any(c.startswith(expected) or f" {expected}" in c for c in commands), expected
+    readme = {name for page, name, *_ in marked_blocks() if page.name == "README.md"}
+    assert {"everyday", "ui", "load"} <= readme  # the serving block lives in docs/handoff.md
+
+
+def _without_code(page: Path) -> str:
+    return re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+
+
+def _links(page: Path) -> list[str]:
+    return re.findall(r"\]\(([^)\s]+)\)", _without_code(page))
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's ids of a page's headings: lower case, punctuation dropped, spaces -> '-'."""
+    headings = re.findall(r"^#{1,6}\s+(.*?)\s*$", _without_code(page), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_relative_link_resolves():
+    assert (REPO / "docs").is_dir() and len(PAGES) > 1
+    checked = 0
+    for page in PAGES:
+        for link in _links(page):
+            if re.match(r"[a-z]+:", link):  # https:, mailto:
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            assert target.is_file(), f"{page.name}: {link} -> {target} is not a file"
+            if anchor and target.suffix == ".md":
+                assert anchor in _anchors(target), f"{page.name}: {link}: no such heading"
+            checked += 1
+    assert checked >= len(PAGES)
+
+
+def test_the_readme_links_every_page_of_docs():
+    linked = {(REPO / link.partition("#")[0]).resolve() for link in _links(REPO / "README.md")}
+    assert set(PAGES[1:]) <= linked
+
+
+def _params_keys() -> set[str]:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    return {f"{section}.{key}" for section, values in params.items() for key in values}
+
+
+def test_every_set_param_is_a_key_of_params_yaml():
+    """`-S key=value` anywhere in the pages names a key params.yaml has: no moved spelling
+    (`train.device` is `compute.device` now) and no typo."""
+    keys = _params_keys()
+    assert "compute.device" in keys and "train.device" not in keys
+    found = 0
+    for page in PAGES:
+        for key in re.findall(r"-S\s+([\w.]+)=", page.read_text()):
+            assert key in keys, f"{page.name}: -S {key}=... is not a key of params.yaml"
+            found += 1
+    assert found >= 10
+
+
+def test_no_command_uses_a_moved_train_key():
+    moved = r"train\.(device|nproc|num_workers|feature_batch_size|compile)\b"
+    for page in PAGES:
+        for block in re.findall(r"```\w*\n(.*?)```", page.read_text(), re.S):
+            assert not re.search(moved, block), (page.name, block)
+
+
+def _shell_lines(page: Path) -> list[str]:
+    """What a page gives to type: code block lines (comments dropped) and inline code."""
+    text = page.read_text()
+    lines = [re.sub(r"(^|\s)#.*$", "", line).strip()
+             for block in re.findall(r"```\w*\n(.*?)```", text, re.S)
+             for line in block.splitlines()]
+    inline = re.findall(r"`([^`\n]+)`", _without_code(page))
+    return [line for line in lines + inline if line]
+
+
+def test_every_make_target_exists():
+    makefile = (REPO / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
+    found = 0
+    for page in PAGES:
+        for line in _shell_lines(page):
+            for target in re.findall(r"(?:^|[;&|]\s*)make ([a-z][\w-]*)", line):
+                assert target in targets, f"{page.name}: `make {target}` is not in the Makefile"
+                found += 1
+    assert found >= 8
+
+
+def test_parameters_page_lists_every_key():
+    page = (REPO / "docs" / "parameters.md").read_text()
+    missing = sorted(k for k in _params_keys() if f"| `{k}` |" not in page)
+    assert not missing, f"docs/parameters.md lacks {missing}"
 
 
 def typed(command: str, way: str) -> str:
@@ -181,8 +300,8 @@ def _run_names(repo: Path) -> list[str]:
     return [r.info.run_name for r in client.search_runs([exp.experiment_id])]
 
 
-def _commands(block: int) -> list[str]:
-    return readme_blocks()[block][1]
+def _commands(name: str) -> list[str]:
+    return blocks_by_name()[name][1]
 
 
 @pytest.mark.slow
@@ -199,7 +318,7 @@ def test_make_run_ends_with_a_champion(clone):
 def test_everyday_commands(clone, way):
     repo, env, _ = clone
     classes = {d.name for d in (repo / "data" / "source" / "images").iterdir()}
-    for command in _commands(0):
+    for command in _commands("everyday"):
         if way == "prefix" and command.startswith("dvc exp run"):
             command = other_values(command)
         before = _run_names(repo)
@@ -240,7 +359,7 @@ def _get_json(url: str) -> dict:
 @pytest.mark.parametrize("way", WAYS)
 def test_make_ui_serves_the_links_it_prints(clone, way):
     repo, env, _ = clone
-    (command,) = _commands(1)
+    (command,) = _commands("ui")
     port = free_port()
     proc = _start(repo, env, typed(f"{command} PORT={port}", way))
     try:
@@ -270,7 +389,7 @@ def test_make_ui_serves_the_links_it_prints(clone, way):
 @pytest.mark.parametrize("way", WAYS)
 def test_serving_the_champion(clone, way):
     repo, env, _ = clone
-    serve, curl = _commands(2)
+    serve, curl = _commands("serve")
     port = str(free_port())
     proc = _start(repo, env, typed(serve.replace("5001", port), way))
     try:
@@ -286,7 +405,7 @@ def test_serving_the_champion(clone, way):
 @pytest.mark.slow
 def test_loading_the_model_anywhere(clone):
     repo, env, _ = clone
-    (snippet,) = _commands(3)
+    (snippet,) = _commands("load")
     code = snippet.replace("/path/to/repo", str(repo))
     code += "\nout = model.predict(frame)\nprint(out.to_json(orient='records'))\n"
     with_output = _sh(repo, env, f".venv/bin/python - <<'EOF'\n{code}\nEOF")
