@@ -18,45 +18,31 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import webbrowser
 from pathlib import Path
 
-import yaml
-
+from pipeline.config import Params, load_params
 from pipeline.errors import USER_ERRORS, PipelineError
 
-DEFAULT_NAME = "food101-resnet50"
-DEFAULT_EXPERIMENT = "food101"
 UI_WAIT = 90  # seconds for a starting MLflow server to answer /health
 
 
-def _param(section: str, key: str, default: str) -> str:
-    """A value of ./params.yaml when there is one (the CLI also works outside the project)."""
-    try:
-        raw = yaml.safe_load(Path("params.yaml").read_text()) or {}
-        return str(raw.get(section, {}).get(key) or default)
-    except (OSError, yaml.YAMLError, AttributeError):
-        return default
+def project_params() -> Params:
+    """./params.yaml, validated, when there is one; the defaults outside a project (the CLI
+    works anywhere). A broken params.yaml is a ConfigError that says what to fix."""
+    return load_params() if Path("params.yaml").is_file() else Params()
 
 
-def _default_name() -> str:
-    """registry.model_name from ./params.yaml when there is one."""
-    return _param("registry", "model_name", DEFAULT_NAME)
-
-
-def _refresh_champion_file(name: str) -> None:
+def _refresh_champion_file(name: str, params: Params) -> None:
     """In the project's DVC workspace, rewrite reports/champion.json after the champion
     moved: ``dvc status`` then shows ``predict`` as changed and ``dvc repro`` re-predicts."""
     from pipeline.handoffs import CHAMPION
     from pipeline.runs import registry
 
-    if not Path("dvc.yaml").is_file() or name != _default_name():
+    if not Path("dvc.yaml").is_file() or name != params.registry.model_name:
         return
-    ref = registry.champion_ref(name, _param("predict", "model", "champion"))
-    ref.write()
+    ref = registry.resolve(name, params.predict.model)
+    ref.champion_file().write()
     print(f"{CHAMPION}: predict.model={ref.ref} is v{ref.version}; `dvc repro` re-runs "
           "predict")
 
@@ -93,7 +79,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
         return
     print(f"{args.name}: champion is now v{out['champion']} "
           f"(previous-champion: {_v(out['previous_champion'])})")
-    _refresh_champion_file(args.name)
+    _refresh_champion_file(args.name, args.params)
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
@@ -102,17 +88,17 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     out = registry.rollback(args.name)
     print(f"{args.name}: rolled back, champion is now v{out['champion']} "
           f"(previous-champion: {_v(out['previous_champion'])})")
-    _refresh_champion_file(args.name)
+    _refresh_champion_file(args.name, args.params)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from pipeline.runs import registry
+    from pipeline.runs import registry, run_model
 
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
         raise PipelineError(f"no such file(s): {', '.join(missing)}")
-    uri, _ = registry.resolve(args.name, args.model)
-    preds = registry.predict_files(uri, [Path(f) for f in args.files])
+    ref = registry.resolve(args.name, args.model)
+    preds = run_model.predict_files(ref.uri, [Path(f) for f in args.files])
     if "error" not in preds:  # a version logged before models reported unreadable rows
         preds["error"] = None
     preds.insert(0, "file", args.files)
@@ -134,12 +120,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def ui_links(base_url: str, experiment: str, model_name: str) -> dict[str, str]:
     """The pages to open, in model-training mode: the experiment's runs table (its id looked
     up in the store) and the registered model."""
-    from pipeline.runs import tracking
+    from pipeline.runs import notes, tracking
 
     base = base_url.rstrip("/")
     runs = tracking.runs_page(experiment)
-    return {"runs": f"{base}/{runs or tracking.ui_route('experiments')}",
-            "model": f"{base}/{tracking.model_route(model_name)}",
+    return {"runs": f"{base}/{runs or notes.ui_route('experiments')}",
+            "model": f"{base}/{notes.model_route(model_name)}",
             "found": "yes" if runs else ""}
 
 
@@ -156,39 +142,25 @@ def _desktop() -> bool:
 
 
 def cmd_ui_links(args: argparse.Namespace) -> None:
-    from pipeline.runs import tracking
+    from pipeline.runs import store
 
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     base = uri if uri.startswith(("http://", "https://")) else f"http://{args.host}:{args.port}"
     _print_links(ui_links(base, args.experiment, args.name), args.experiment)
-
-
-def _wait_for(url: str, server: subprocess.Popen, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while server.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            raise PipelineError(f"the MLflow server did not answer {url} within {seconds} s")
-        time.sleep(0.5)
-    raise PipelineError(f"the MLflow server exited ({server.returncode}); see its log above")
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
     """Serve the project's store with ``mlflow server`` (one worker, no job runner: it starts
     in seconds), print the links once it answers, open them where a desktop exists."""
-    from pipeline.runs import tracking
+    from pipeline.runs import store
+    from pipeline.services import wait_for_http
 
-    uri = tracking.tracking_uri()
-    if not uri.startswith("sqlite:///"):
+    uri = store.tracking_uri()
+    db = store.sqlite_path(uri)
+    if db is None:
         print(f"MLFLOW_TRACKING_URI is {uri}: open that server's UI (nothing to start here)")
         cmd_ui_links(args)
         return
-    store = Path(uri.removeprefix("sqlite:///")).parent
     base = f"http://{args.host}:{args.port}"
     with socket.socket() as probe:
         if probe.connect_ex((args.host, args.port)) == 0:
@@ -199,11 +171,11 @@ def cmd_ui(args: argparse.Namespace) -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", args.host,
          "--port", str(args.port), "--backend-store-uri", uri,
-         "--default-artifact-root", str(store / "artifacts")], env=env)
+         "--default-artifact-root", str(db.parent / "artifacts")], env=env)
     # `make ui` is stopped with Ctrl-C (SIGINT) or SIGTERM: both end the server too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        _wait_for(f"{base}/health", server, UI_WAIT)
+        wait_for_http(f"{base}/health", server, UI_WAIT, what="the MLflow server")
         links = ui_links(base, args.experiment, args.name)
         print(f"MLflow UI on {uri} (Ctrl-C stops it):")
         _print_links(links, args.experiment)
@@ -224,10 +196,12 @@ def cmd_ui(args: argparse.Namespace) -> None:
                 pass
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(params: Params) -> argparse.ArgumentParser:
+    """The commands; defaults (model name, experiment) from ``params``."""
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", default=_default_name(),
+    parser.set_defaults(params=params)
+    parser.add_argument("--name", default=params.registry.model_name,
                         help="registered model name (default: registry.model_name)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("versions", help="list versions with aliases and metrics").set_defaults(
@@ -249,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=text)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=5000)
-        p.add_argument("--experiment", default=_param("mlflow", "experiment",
-                                                      DEFAULT_EXPERIMENT))
+        p.add_argument("--experiment", default=params.mlflow.experiment)
         if command == "ui":
             p.add_argument("--no-browser", action="store_true",
                            help="only print the links (a browser opens where DISPLAY or "
@@ -261,7 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    try:
+        params = project_params()
+    except USER_ERRORS as exc:  # a broken params.yaml: its ConfigError says what to fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args = build_parser(params).parse_args(argv)
     try:
         args.func(args)
     except USER_ERRORS as exc:

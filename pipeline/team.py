@@ -32,13 +32,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
 
 from pipeline.errors import PipelineError
+from pipeline.services import ServiceError, wait_for_http
 
 DEFAULT_PORT = 5005
 START_TIMEOUT = 120.0  # seconds for PostgreSQL and MLflow (its first start migrates the schema)
@@ -99,24 +98,6 @@ def _alive(pid: int | None) -> bool:
 def _state(data: Path) -> dict | None:
     f = data / "server.json"
     return json.loads(f.read_text()) if f.is_file() else None
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float, auth: bool) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise TeamServerError(f"mlflow server exited ({proc.returncode})")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except urllib.error.HTTPError as exc:
-            if auth and exc.code == 401:
-                return  # up, and asking for credentials
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.3)
-    raise TeamServerError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -211,8 +192,9 @@ def start(data: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
              "auth": auth, "data": str(data)}
     (data / "server.json").write_text(json.dumps(state, indent=2) + "\n")
     try:
-        _wait_http(f"{state['uri']}/health", server, START_TIMEOUT, auth)
-    except TeamServerError as exc:
+        wait_for_http(f"{state['uri']}/health", server, START_TIMEOUT, what="mlflow server",
+                      ok=(200, 401) if auth else (200,))  # 401: up, asking for credentials
+    except ServiceError as exc:
         stop(data)
         tail = (data / "mlflow.log").read_text(errors="replace")[-3000:]
         raise TeamServerError(f"{exc}; mlflow.log ends with:\n{tail}") from None

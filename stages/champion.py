@@ -8,12 +8,12 @@ machine, the MLflow UI) makes ``predict`` re-run; an unchanged one rewrites the 
 """
 
 from pipeline.config import Params
-from pipeline.runs.registry import champion_ref
+from pipeline.runs.registry import resolve
 from stages.common import run_stage
 
 
 def main(params: Params) -> None:
-    champion_ref(params.registry.model_name, params.predict.model).write()
+    resolve(params.registry.model_name, params.predict.model).champion_file().write()
 
 
 if __name__ == "__main__":

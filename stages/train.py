@@ -13,7 +13,7 @@ from pipeline.config import Params
 from pipeline.jobs.train import TrainData, train_and_log
 from pipeline.paths import feature_cache_dir
 from pipeline.plots import png_bytes
-from pipeline.runs.tracking import run_spec
+from pipeline.runs.spec import run_spec
 from stages.common import run_stage
 
 

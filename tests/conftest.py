@@ -124,7 +124,7 @@ def champion(tiny_demo, tmp_path_factory, migrated_db) -> SimpleNamespace:
     """
     from pipeline.jobs.evaluate import TestData, evaluate_and_log
     from pipeline.jobs.train import TrainData, train_and_log
-    from pipeline.runs.tracking import run_spec
+    from pipeline.runs.spec import run_spec
 
     tmp = tmp_path_factory.mktemp("champion")
     uri = fresh_store(tmp, migrated_db)

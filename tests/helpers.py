@@ -13,8 +13,6 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -303,21 +301,16 @@ def poll(check, seconds: float, what: str, every: float = 0.2):
 
 
 def wait_for_http(url: str, proc, seconds: float, what: str) -> None:
-    """Until ``url`` answers 200; fails the test when ``proc`` exits or time runs out."""
-    deadline = time.monotonic() + seconds
-    while True:
-        if proc.poll() is not None:
-            out = proc.stdout.read()[-4000:] if proc.stdout else ""
-            pytest.fail(f"{what} exited ({proc.returncode}):\n{out}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: no answer from {url} within {seconds} s")
-        time.sleep(0.5)
+    """Until ``url`` answers 200 (``pipeline.services.wait_for_http``); fails the test with
+    the server's output when ``proc`` exits or time runs out."""
+    from pipeline.services import ServiceError
+    from pipeline.services import wait_for_http as wait
+
+    try:
+        wait(url, proc, seconds, what=what)
+    except ServiceError as exc:
+        out = proc.stdout.read()[-4000:] if proc.stdout and proc.poll() is not None else ""
+        pytest.fail(f"{exc}:\n{out}")
 
 
 def printed_links(proc, seconds: float) -> dict[str, str]:

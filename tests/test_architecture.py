@@ -12,8 +12,9 @@ import pytest
 from helpers import REPO
 
 PIPELINE = REPO / "pipeline"
-MLFLOW_MODULES = {"pipeline/runs/tracking.py", "pipeline/runs/registry.py",
-                  "pipeline/model/pyfunc.py"}
+MLFLOW_MODULES = {"pipeline/runs/store.py", "pipeline/runs/tracking.py",
+                  "pipeline/runs/registry.py", "pipeline/runs/lock.py",
+                  "pipeline/runs/run_model.py", "pipeline/model/pyfunc.py"}
 
 # Each module's layer: a module may import only modules of a lower layer (ARCHITECTURE.md).
 LAYERS = {
@@ -33,6 +34,7 @@ LAYERS = {
     "pipeline.progress": 7,
     "pipeline.distributed": 8,
     "pipeline.config": 8,
+    "pipeline.services": 8,
     "pipeline.handoffs": 9,
     "pipeline.data.demo": 10,
     "pipeline.features": 10,
@@ -41,14 +43,19 @@ LAYERS = {
     "pipeline.data.sources": 11,
     "pipeline.data.sampling": 11,
     "pipeline.training": 11,
-    "pipeline.runs.tracking": 12,
-    "pipeline.runs.registry": 13,
-    "pipeline.jobs.train": 14,
-    "pipeline.jobs.evaluate": 14,
-    "pipeline.jobs.predict": 14,
-    "pipeline.cli": 15,
-    "pipeline.team": 15,
-    "pipeline.__main__": 16,
+    "pipeline.runs.store": 12,
+    "pipeline.runs.notes": 12,
+    "pipeline.runs.spec": 13,
+    "pipeline.runs.lock": 13,
+    "pipeline.runs.run_model": 13,
+    "pipeline.runs.tracking": 14,
+    "pipeline.runs.registry": 14,
+    "pipeline.jobs.train": 15,
+    "pipeline.jobs.evaluate": 15,
+    "pipeline.jobs.predict": 15,
+    "pipeline.cli": 16,
+    "pipeline.team": 16,
+    "pipeline.__main__": 17,
 }
 PACKAGES = {"pipeline", "pipeline.model", "pipeline.data", "pipeline.runs", "pipeline.jobs"}
 HANDOFF_CLASSES = {"SourceInfo", "SourceIndex", "SampleReport", "RunRef", "Promotion",
@@ -92,7 +99,7 @@ def _rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
 
 
-def test_only_tracking_registry_and_the_pyfunc_import_mlflow():
+def test_only_the_run_plumbing_and_the_pyfunc_import_mlflow():
     pattern = re.compile(r"^\s*(import|from) mlflow", re.MULTILINE)
     by_regex = {_rel(p) for p in _modules("pipeline", "stages") if pattern.search(p.read_text())}
     by_ast = {_rel(p) for p in _modules("pipeline", "stages")

@@ -8,8 +8,9 @@ import pytest
 from helpers import log_echo_model
 from PIL import Image
 
-from pipeline.cli import DEFAULT_NAME, main
-from pipeline.runs import registry
+from pipeline.cli import main
+from pipeline.config import Params
+from pipeline.runs import registry, run_model
 
 NAME = "cli-test-model"
 
@@ -125,10 +126,18 @@ def test_bad_arguments_exit_2(capsys):
 def test_name_defaults_to_params_yaml(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["versions"]) == 2
-    assert f"'{DEFAULT_NAME}' does not exist" in capsys.readouterr().err
+    assert f"'{Params().registry.model_name}' does not exist" in capsys.readouterr().err
     (tmp_path / "params.yaml").write_text("registry:\n  model_name: my-dishes\n")
     assert main(["versions"]) == 2
     assert "'my-dishes' does not exist" in capsys.readouterr().err
+
+
+def test_a_broken_params_yaml_is_reported_not_guessed(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("registry:\n  model_nam: typo\n")
+    assert main(["versions"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: registry.model_nam") and "Traceback" not in err
 
 
 # -- success paths -----------------------------------------------------------------------------
@@ -183,7 +192,7 @@ def test_versions_shows_champion(capsys, versions):
 def test_predict_skips_unreadable_files_and_labels_the_rest(capsys, champion_store, tmp_path,
                                                           monkeypatch):
     """The command's own part (which files, what it prints); the model runs as in
-    ``registry.predict_files`` (tested with the real subprocess in the predict job's tests
+    ``run_model.predict_files`` (tested with the real subprocess in the predict job's tests
     and in the slow lane here)."""
     import pandas as pd
 
@@ -201,7 +210,7 @@ def test_predict_skips_unreadable_files_and_labels_the_rest(capsys, champion_sto
                              "top5": [None, '[["x", 0.5]]', '[["y", 0.25]]'],
                              "error": ["broken.jpg: not a readable image", None, None]})
 
-    monkeypatch.setattr(registry, "predict_files", fake_predict)
+    monkeypatch.setattr(run_model, "predict_files", fake_predict)
     bad = tmp_path / "broken.jpg"
     bad.write_text("not a photo")
     capsys.readouterr()

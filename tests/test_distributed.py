@@ -84,7 +84,7 @@ def test_a_user_error_in_a_worker_is_reported_with_its_message(tmp_path):
 
 def _train(data, store_tmp: Path, experiment: str, train: dict | None = None, **compute):
     from pipeline.jobs.train import TrainData, train_and_log
-    from pipeline.runs.tracking import RunSpec
+    from pipeline.runs.spec import RunSpec
 
     p = data.params
     p = dataclasses.replace(p, compute=dataclasses.replace(p.compute, **compute),
@@ -193,7 +193,7 @@ STAGE = textwrap.dedent("""
     from pipeline.config import params_from_dict
     from pipeline.handoffs import Manifest
     from pipeline.jobs.train import TrainData, train_and_log
-    from pipeline.runs.tracking import RunSpec
+    from pipeline.runs.spec import RunSpec
     signals.install()
     cfg = json.loads(sys.argv[1])
     p = params_from_dict(cfg["params"])

@@ -107,10 +107,16 @@ def _race_worker(uri: str, folder: str, model_uri: str, accuracy: float, barrier
     """One gate in its own working folder (so no local lock file is shared)."""
     os.chdir(folder)
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ["FOOD101_TEST_GATE_PAUSE"] = "0.7"  # read champion ... pause ... write
     try:
         from pipeline.runs import registry
 
+        decide = registry.decide
+
+        def paused(*args):  # read champion ... pause ... write: the gates really overlap
+            time.sleep(0.7)
+            return decide(*args)
+
+        registry.decide = paused  # this process only (spawned)
         version = registry.register(model_uri, "race", {
             "test_accuracy": f"{accuracy:.6f}", "test_manifest_sha256": "m" * 64})
         barrier.wait(120)
@@ -128,7 +134,7 @@ def _never(uri: str) -> float:
 def test_gates_from_processes_that_share_only_the_server(server, tmp_path, monkeypatch):
     """N gates with a pause between reading the champion and writing: exactly one champion,
     the best (ties: the lower version), previous-champion right, every decision recorded."""
-    from pipeline.runs import registry
+    from pipeline.runs import registry, store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
     mlflow.set_tracking_uri(server["uri"])
@@ -157,7 +163,7 @@ def test_gates_from_processes_that_share_only_the_server(server, tmp_path, monke
         for p in procs:
             p.join(60)
     assert not [g for g in got if "error" in g], got
-    c = registry.client()
+    c = store.client()
     aliases = {k: str(v) for k, v in c.get_registered_model("race").aliases.items()}
     acc = {g["version"]: g["accuracy"] for g in got} | {v1: 0.5}
     best = max(acc.values())
@@ -187,22 +193,23 @@ def test_gates_from_processes_that_share_only_the_server(server, tmp_path, monke
 
 
 def test_an_expired_lock_is_broken_once_and_a_live_one_waits(server, monkeypatch):
-    from pipeline.runs import registry
+    from pipeline.runs import lock as promotion
+    from pipeline.runs import store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
-    c = registry.client()
-    lock = "stale" + registry.LOCK_SUFFIX
+    c = store.client()
+    lock = "stale" + promotion.LOCK_SUFFIX
     c.create_registered_model(lock, tags={"token": "dead", "holder": "gone:1",
                                           "expires_at": f"{time.time() - 1:.3f}"})
-    with registry.server_lock("stale"):
+    with promotion.server_lock("stale"):
         assert c.get_registered_model(lock).tags["token"] != "dead"  # ours now
     assert not c.search_registered_models(f"name = '{lock}'")
     assert not c.search_registered_models("name LIKE 'stale.promotion-lock.break-%'")
-    monkeypatch.setattr(registry, "LOCK_WAIT_SECONDS", 1.0)
+    monkeypatch.setattr(promotion, "LOCK_WAIT_SECONDS", 1.0)
     c.create_registered_model(lock, tags={"token": "alive", "holder": "busy:2",
                                           "expires_at": f"{time.time() + 600:.3f}"})
-    with pytest.raises(registry.RegistryError, match="still held .held by busy:2"):
-        with registry.server_lock("stale"):
+    with pytest.raises(promotion.LockError, match="still held .held by busy:2"):
+        with promotion.server_lock("stale"):
             pass
     assert c.get_registered_model(lock).tags["token"] == "alive"  # not broken
 

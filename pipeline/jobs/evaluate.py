@@ -33,7 +33,8 @@ from pipeline.plots import (
     per_class_accuracy_figure,
     worst_predictions_figure,
 )
-from pipeline.runs import registry, tracking
+from pipeline.runs import notes, registry, run_model, tracking
+from pipeline.runs.store import TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ def champion_scorer(root: Path, test: pd.DataFrame, batch_size: int) -> Callable
     paths = [root / p for p in test["path"]]
 
     def score(model_uri: str) -> float:
-        labels = registry.predict_files(model_uri, paths, batch_size,
-                                        desc="re-score champion")["label"]
+        labels = run_model.predict_files(model_uri, paths, batch_size,
+                                         desc="re-score champion")["label"]
         return labels_accuracy(labels.tolist(), test["label"].tolist())
 
     return score
@@ -127,7 +128,7 @@ def evaluate_and_log(
         with tempfile.TemporaryDirectory() as tmp:
             net, card = load_network(tracking.download_model(run.model_uri, Path(tmp)))
         if list(card.classes) != classes:
-            raise tracking.TrackingError(
+            raise TrackingError(
                 "the logged model's classes differ from reports/sample.json: re-run train")
         probs = score_manifest(net, card, data.root, df, cache_dir=cache_dir,
                                batch_size=compute_cfg.feature_batch_size,
@@ -165,11 +166,11 @@ def evaluate_and_log(
                            "promotion": "promoted" if decision.promoted else "rejected"})
         tracking.log_dict(decision.as_dict(), "evaluation/promotion.json")
         # The descriptions people read in the UI: the run's, the version's, the model's.
-        tracking.set_run_note_section("Evaluation and promotion", registry.run_section(
+        tracking.set_run_note_section("Evaluation and promotion", notes.evaluation_section(
             name, version, metrics, data.test.path, len(df), decision))
-        registry.describe(name, version, registry.version_note(
+        registry.describe(name, version, notes.version_note(
             metrics, data.test.path, len(df), digest, run.run_name,
-            tracking.run_route(tracking.active_experiment_id(), run_id), decision))
+            notes.run_route(tracking.active_experiment_id(), run_id), decision))
     confusion_rows = pd.DataFrame({"actual": [classes[i] for i in y_true],
                                    "predicted": [classes[i] for i in y_pred]})
     return EvalOutputs(metrics, per_class, confusion_rows, accuracy, decision, figures)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from pipeline.config import PredictConfig, RegistryConfig
 from pipeline.handoffs import RunRef, UnlabeledKey
-from pipeline.runs import registry, tracking
+from pipeline.runs import registry, run_model, tracking
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +24,15 @@ def predict_and_log(
 ) -> tuple[pd.DataFrame, dict]:
     """Predictions (file, label, confidence, top5, error) and ``accuracy`` against the key.
 
-    The model runs in a fresh process with the code it carries (``registry.predict_files``);
+    The model runs in a fresh process with the code it carries (``run_model.predict_files``);
     ``predict.batch_size`` is its inference batch size. A metric on a run describes that
     run's model: ``predict_accuracy`` and the predictions go to the run that trained the
     version that predicted (this pipeline's run when it is the champion); this run records
     which version that was (tags ``predict_model_*``).
     """
     name, ref = registry_cfg.model_name, predict_cfg.model
-    who = registry.champion_ref(name, ref)  # one lookup, a clear error when missing
-    uri = f"models:/{name}/{who.version}"
-    preds = registry.predict_files(uri, files, predict_cfg.batch_size)
+    who = registry.resolve(name, ref)  # one lookup, a clear error when missing
+    preds = run_model.predict_files(who.uri, files, predict_cfg.batch_size)
     out = pd.concat([pd.DataFrame({"file": [f.name for f in files]}),
                      preds.reset_index(drop=True)], axis=1)
     truth = out["file"].map(key.frame.set_index("file")["label"])
@@ -44,7 +43,7 @@ def predict_and_log(
         "errors": errors,
         "model_version": int(who.version),
     }
-    tags = {"predict_model_uri": uri, "predict_model_version": who.version,
+    tags = {"predict_model_uri": who.uri, "predict_model_version": who.version,
             "predict_model_run_id": who.run_id}
     with tracking.resume_run(run.run_id):
         tracking.set_tags(tags)

@@ -27,7 +27,8 @@ from pipeline.model.card import ModelCard
 from pipeline.model.network import FoodNet
 from pipeline.model.presets import Preprocessing
 from pipeline.plots import DPI, learning_curves
-from pipeline.runs import tracking
+from pipeline.runs import store, tracking
+from pipeline.runs.spec import RunSpec
 from pipeline.training import (
     Compute,
     TrainResult,
@@ -68,7 +69,7 @@ class _RunLogger:
     def __init__(self, run_id: str | None = None):
         self.run_id = run_id
         if run_id is not None:  # another process: point it at the same store
-            tracking.configure()
+            store.configure()
 
     def epoch(self, epoch: int, metrics: dict) -> None:
         keys = [*SCORES, "lr"] if "lr" in metrics else SCORES
@@ -131,7 +132,7 @@ def train_and_log(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     image_size: int,
-    run: tracking.RunSpec,
+    run: RunSpec,
     cache_dir: Path | None,
     compute_cfg: ComputeConfig,
 ) -> TrainOutputs | None:
@@ -157,7 +158,7 @@ def train_and_log(
 
 
 def _train_and_log(data: TrainData, model_cfg: ModelConfig, train_cfg: TrainConfig,
-                   image_size: int, run: tracking.RunSpec, cache_dir: Path | None,
+                   image_size: int, run: RunSpec, cache_dir: Path | None,
                    compute: Compute, group: Group | None) -> TrainOutputs | None:
     train_df, val_df = data.train.frame, data.val.frame
     network = build_network(model_cfg, len(data.classes), train_cfg.seed)
@@ -167,7 +168,7 @@ def _train_and_log(data: TrainData, model_cfg: ModelConfig, train_cfg: TrainConf
         group.broadcast(None)  # rank 0 has opened the run
         train_model(*args, network=network, compute=compute, group=group)
         return None
-    tracking.check_store()
+    store.check_store()
     with tracking.start_run(run) as run_id:
         if group is not None:
             group.broadcast(run_id)
@@ -196,14 +197,13 @@ def _train_and_log(data: TrainData, model_cfg: ModelConfig, train_cfg: TrainConf
         }
         tracking.log_params(resolved)
         # The descriptions people read in the UI: the experiment's and this run's.
-        tracking.describe_experiment(tracking.active_experiment_id(),
-                                     str(run.params.get("registry.model_name")))
-        tracking.set_run_note(tracking.run_note(run.params, tracking.committed_params(), {
+        tracking.describe_experiment(tracking.active_experiment_id(), run.model_name)
+        tracking.describe_run(run, {
             "data": f"{len(train_df)} train / {len(val_df)} validation images of "
                     f"{len(data.classes)} classes",
             "backbone weights": result.weights_used,
             "training": f"{result.path}, precision {result.precision}",
-        }))
+        })
         if result.feature_stats:  # an artifact, not metrics: keeps the metric charts clean
             tracking.log_dict(result.feature_stats, "training/feature_cache.json")
         tracking.log_dict({**compute.as_params(), "precision": result.precision,
@@ -217,8 +217,8 @@ def _train_and_log(data: TrainData, model_cfg: ModelConfig, train_cfg: TrainConf
             preprocessing=Preprocessing.for_size(image_size), run_id=run_id,
         )
         examples = [(data.root / p).read_bytes() for p in val_df["path"].head(2)]
-        model_uri = tracking.store_call("log the model", pyfunc.log_model, result.model, card,
-                                        examples)
+        model_uri = store.store_call("log the model", pyfunc.log_model, result.model, card,
+                                     examples)
         log.info("logged model %s", model_uri)
     return TrainOutputs(RunRef(run_id, run.name, model_uri), result.final, history, resolved,
                         curves)

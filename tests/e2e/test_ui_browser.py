@@ -15,6 +15,7 @@ downloads none.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import mlflow
 import pytest
@@ -75,7 +77,7 @@ def project(tiny_demo, tmp_path_factory, migrated_db):
     """A project folder whose mlruns/ holds two evaluated runs of the real jobs."""
     from pipeline.jobs.evaluate import TestData, evaluate_and_log
     from pipeline.jobs.train import TrainData, train_and_log
-    from pipeline.runs.tracking import run_spec
+    from pipeline.runs.spec import run_spec
 
     root = tmp_path_factory.mktemp("ui-project")
     uri = fresh_store(root, migrated_db)
@@ -148,11 +150,13 @@ def test_the_runs_link_opens_the_runs_table_in_model_training_mode(ui, project, 
 
 
 def test_the_compare_page_shows_both_runs(ui, project, page):
-    from pipeline.runs import tracking
+    from pipeline.runs import notes
 
     base, _ = ui
     _, exp_id, runs = project
-    page.goto(f"{base}/{tracking.compare_route(exp_id, runs)}")
+    compare = notes.ui_route(f"compare-runs?runs={quote(json.dumps(runs))}"
+                             f"&experiments={quote(json.dumps([exp_id]))}")
+    page.goto(f"{base}/{compare}")
     page.get_by_text("Comparing 2 Runs", exact=False).first.wait_for(timeout=WAIT_MS)
     page.get_by_text("test_accuracy", exact=True).first.wait_for(timeout=WAIT_MS)
     _shot(page, "compare.png", full=True)
@@ -175,16 +179,16 @@ def test_the_model_link_shows_the_champion(ui, page):
 
 
 def test_a_run_shows_its_description_and_pictures(ui, project, page):
-    from pipeline.runs import tracking
+    from pipeline.runs import notes
 
     base, _ = ui
     _, exp_id, runs = project
-    page.goto(f"{base}/{tracking.run_route(exp_id, runs[1])}")
+    page.goto(f"{base}/{notes.run_route(exp_id, runs[1])}")
     page.get_by_text("Description", exact=True).first.wait_for(timeout=WAIT_MS)
     page.get_by_text("What differs from the committed baseline", exact=False).first.wait_for(
         timeout=WAIT_MS)
     _shot(page, "run.png", full=True)
-    route = tracking.ui_route(
+    route = notes.ui_route(
         f"experiments/{exp_id}/runs/{runs[1]}/artifacts/evaluation/per_class_accuracy.png")
     page.goto(f"{base}/{route}")
     page.get_by_text("evaluation/per_class_accuracy.png", exact=True).first.wait_for(

@@ -72,7 +72,7 @@ def test_registered_as_the_first_champion(champion_store):
     assert (d.promoted, d.reason, d.version, d.run_id) == (
         True, "no champion yet", "1", c.trained.run.run_id)
     assert d.test_manifest_sha256 == c.data.test.sha256
-    assert registry.resolve(c.name, "champion")[1] == "1"
+    assert registry.resolve(c.name, "champion").version == "1"
     mv = registry.get_version(c.name, 1)
     assert mv.run_id == c.trained.run.run_id
     assert mv.tags["test_accuracy"] == f"{c.evaluated.metrics['test_accuracy']:.6f}"

@@ -6,7 +6,6 @@ from helpers import tiny_params
 
 from pipeline.handoffs import unlabeled_files
 from pipeline.jobs.predict import predict_and_log
-from pipeline.runs import registry
 from pipeline.runs.registry import RegistryError
 
 
@@ -35,17 +34,6 @@ def test_predict_labels_every_unlabeled_image(champion_store, tmp_path):
     import pandas as pd
 
     assert pd.read_csv(local)["label"].tolist() == out["label"].tolist()
-
-
-@pytest.mark.slow
-def test_batch_size_changes_nothing_but_speed(champion_store):
-    c = champion_store
-    files = unlabeled_files(c.data.unlabeled)
-    uri = f"models:/{c.name}@champion"
-    one = registry.predict_files(uri, files, batch_size=1)
-    many = registry.predict_files(uri, files, batch_size=64)
-    assert one["label"].tolist() == many["label"].tolist()
-    assert one["confidence"].tolist() == pytest.approx(many["confidence"].tolist(), abs=1e-5)
 
 
 def test_without_champion_nothing_is_logged(champion_store):

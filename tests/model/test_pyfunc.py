@@ -21,7 +21,7 @@ from helpers import REPO, champion_network, log_legacy_model
 
 from pipeline.features import score_manifest
 from pipeline.model.pyfunc import load_network, signature
-from pipeline.runs import registry
+from pipeline.runs import run_model
 
 TIMEOUT = 300
 
@@ -128,7 +128,7 @@ def test_a_process_started_in_a_changed_repository_runs_the_code_the_model_carri
     assert out["bytes"]["label"] == c.evaluated.confusion["predicted"].tolist()[:4]
     assert "/code/pipeline/model/__init__.py" in out["module_files"]["pipeline.model"]
     # and the pipeline's own way of running a registered model does the same
-    preds = registry.predict_files(f"models:/{c.name}@champion", _test_paths(c)[:4])
+    preds = run_model.predict_files(f"models:/{c.name}@champion", _test_paths(c)[:4])
     assert preds["label"].tolist() == out["bytes"]["label"]
 
 
@@ -188,7 +188,7 @@ def test_signature_input_example_and_requirements(champion_store):
 def test_a_model_logged_by_the_old_code_still_predicts(champion_store, tmp_path):
     c = champion_store
     uri = log_legacy_model(c, tmp_path)
-    preds = registry.predict_files(uri, _test_paths(c), batch_size=4)
+    preds = run_model.predict_files(uri, _test_paths(c), batch_size=4)
     assert preds["label"].tolist() == c.evaluated.confusion["predicted"].tolist()
     with pytest.raises(Exception, match="older version of the pipeline"):
         load_network(Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "d"))))

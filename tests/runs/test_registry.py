@@ -1,4 +1,5 @@
-"""The registry: registering versions, the promotion gate, aliases, rollback and clear errors.
+"""The registry: registering versions, the promotion gate, aliases, rollback and clear errors;
+store errors that are never read as an absence, and a stop that waits for the decision.
 
 Versions are registered from a trivial MLflow pyfunc model logged once per test (no torch
 model), so these tests are about the registry logic against a real SQLite MLflow store.
@@ -10,16 +11,19 @@ import datetime as dt
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import traceback
-from pathlib import Path
 
+import mlflow
 import pytest
 from helpers import log_echo_model
+from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
 
-from pipeline.handoffs import Promotion
-from pipeline.runs import registry
-from pipeline.runs.registry import RegistryError
+from pipeline.runs import registry, store
+from pipeline.runs.registry import ModelRef, RegistryError
+from pipeline.runs.store import StoreError
 
 NAME = "registry-test-model"
 MANIFEST = "a" * 64
@@ -30,13 +34,13 @@ BARRIER_TIMEOUT = 120  # seconds; a child that never arrives breaks the barrier 
 # -- a fresh store per test, without paying for the schema migrations every time ----------------
 
 @pytest.fixture()
-def store(mlflow_store) -> str:
+def store_uri(mlflow_store) -> str:
     """conftest's ``mlflow_store``: a fresh store for every test."""
     return mlflow_store
 
 
 @pytest.fixture()
-def model_uri(store) -> str:
+def model_uri(store_uri) -> str:
     """One logged pyfunc model in the test's store; every version registers it."""
     return log_echo_model("registry-tests")
 
@@ -58,11 +62,11 @@ def gate(version: str, accuracy: float, *, manifest: str = MANIFEST, min_delta: 
 
 def aliases() -> dict[str, str]:
     """alias -> version of NAME, read from MLflow itself."""
-    return {k: str(v) for k, v in registry.client().get_registered_model(NAME).aliases.items()}
+    return {k: str(v) for k, v in store.client().get_registered_model(NAME).aliases.items()}
 
 
 def tags(version: str) -> dict[str, str]:
-    return registry.client().get_model_version(NAME, version).tags
+    return store.client().get_model_version(NAME, version).tags
 
 
 # -- register ---------------------------------------------------------------------------------
@@ -75,7 +79,7 @@ def test_register_returns_version_with_tags_and_challenger_alias(model_uri):
     assert tags(v1)["test_accuracy"] == "0.500000"
     assert tags(v2)["test_manifest_sha256"] == MANIFEST
     assert aliases() == {"challenger": "2"}  # the newest; no champion until the gate runs
-    assert registry.client().get_model_version(NAME, v1).source == model_uri
+    assert store.client().get_model_version(NAME, v1).source == model_uri
 
 
 # -- the gate ---------------------------------------------------------------------------------
@@ -267,7 +271,7 @@ def _drain(results, n: int, timeout: float) -> list[dict]:
 
 
 @pytest.mark.slow  # three processes; the tie and order rules are in test_faults.py
-def test_concurrent_gates_leave_the_best_version_champion(model_uri, store):
+def test_concurrent_gates_leave_the_best_version_champion(model_uri, store_uri):
     # a weak champion exists; then each round, three processes gate at the same moment
     v1 = new_version(model_uri, 0.5)
     gate(v1, 0.5)
@@ -280,7 +284,7 @@ def test_concurrent_gates_leave_the_best_version_champion(model_uri, store):
     barrier = ctx.Barrier(len(per_worker) + 1)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_gate_worker, args=(store, model_uri, accs, i, barrier, results))
+        ctx.Process(target=_gate_worker, args=(store_uri, model_uri, accs, i, barrier, results))
         for i, accs in enumerate(per_worker)
     ]
     for p in procs:
@@ -338,7 +342,7 @@ def test_concurrent_gates_leave_the_best_version_champion(model_uri, store):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     # one champion alias (MLflow keeps one version per alias), on the best version
     assert aliases()["champion"] == max(accuracy, key=accuracy.get)
-    assert len(registry.client().search_model_versions(f"name='{NAME}'")) == len(accuracy)
+    assert len(store.client().search_model_versions(f"name='{NAME}'")) == len(accuracy)
 
 
 # -- promote, rollback ------------------------------------------------------------------------
@@ -355,8 +359,7 @@ def test_rollback_restores_previous_champion_and_swaps(model_uri):
     assert aliases()["champion"] == v1
     assert aliases()["previous-champion"] == v2
     assert tags(v2)["promotion"] == "rolled back"
-    assert registry.model_uri(NAME, "champion") == f"models:/{NAME}/{v1}"  # pinned
-    assert registry.resolve(NAME, "champion")[1] == v1
+    assert registry.resolve(NAME, "champion").uri == f"models:/{NAME}/{v1}"  # pinned
 
     back = registry.rollback(NAME)  # the two swap again
     assert back["champion"] == v2 and back["previous_champion"] == v1
@@ -394,26 +397,29 @@ def test_promote_by_hand_and_missing_version(model_uri):
     assert aliases()["champion"] == v2  # unchanged
 
 
-def test_model_uri_without_champion_says_how_to_get_one(model_uri):
+def test_resolve_without_champion_says_how_to_get_one(model_uri):
     new_version(model_uri, 0.5)  # registered (challenger) but never gated
     with pytest.raises(RegistryError) as err:
-        registry.model_uri(NAME, "champion")
+        registry.resolve(NAME, "champion")
     msg = str(err.value)
     assert "alias 'champion'" in msg
     assert "dvc repro" in msg and "promote" in msg
     with pytest.raises(RegistryError, match="alias 'staging'.*promote"):
-        registry.model_uri(NAME, "staging")
+        registry.resolve(NAME, "staging")
     with pytest.raises(RegistryError, match="no version 7; versions: \\[1\\]"):
-        registry.model_uri(NAME, "7")
-    assert registry.model_uri(NAME, "challenger") == f"models:/{NAME}/1"
-    assert registry.model_uri(NAME, "1") == f"models:/{NAME}/1"
-    assert registry.resolve(NAME, "challenger")[1] == "1"
-    assert registry.resolve(NAME, "01")[1] == "1"
+        registry.resolve(NAME, "7")
+    run_id = store.client().get_model_version(NAME, "1").run_id or ""
+    assert registry.resolve(NAME, "challenger") == ModelRef(NAME, "challenger", "1", run_id)
+    assert registry.resolve(NAME, "1").uri == f"models:/{NAME}/1"
+    assert registry.resolve(NAME, "01").version == "1"
+    file = registry.resolve(NAME, "challenger").champion_file()  # reports/champion.json
+    assert (file.model_name, file.ref, file.version, file.run_id) == (
+        NAME, "challenger", "1", run_id)
 
 
-def test_unknown_model_says_registry_is_empty(store):
-    for call in (lambda: registry.model_uri("nope", "champion"),
-                 lambda: registry.model_uri("nope", "3"),
+def test_unknown_model_says_registry_is_empty(store_uri):
+    for call in (lambda: registry.resolve("nope", "champion"),
+                 lambda: registry.resolve("nope", "3"),
                  lambda: registry.list_versions("nope"),
                  lambda: registry.promote("nope", 1),
                  lambda: registry.rollback("nope")):
@@ -422,7 +428,7 @@ def test_unknown_model_says_registry_is_empty(store):
         msg = str(err.value)
         assert "'nope' does not exist" in msg
         assert "registry is empty" in msg
-        assert store in msg  # names the store that was looked at
+        assert store_uri in msg  # names the store that was looked at
 
 
 def _three_versions(model_uri) -> None:
@@ -452,38 +458,113 @@ def test_list_versions_shows_aliases(model_uri):
     assert [r["aliases"] for r in rows] == [["challenger"], ["champion"], ["previous-champion"]]
 
 
-def test_promotion_lock_lives_beside_the_sqlite_store(store):
-    assert registry.lock_path() == Path(store.removeprefix("sqlite:///")).parent / "registry.lock"
-    with registry.promotion_lock(NAME):
-        assert registry.lock_path().exists()
+# -- store errors are errors, and a stop waits for the decision --------------------------------
 
 
-def test_a_server_store_keeps_its_lock_file_out_of_mlruns(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5005")
-    assert registry.lock_path() == tmp_path / ".cache" / "registry.lock"
+def _fail(code: str, message: str = "the store broke"):
+    def fails(*args, **kwargs):
+        raise MlflowException(message, error_code=getattr(databricks_pb2, code))
+
+    return fails
 
 
-def test_credentials_are_not_shown():
-    from pipeline.runs import tracking
+@pytest.fixture()
+def registered(model_uri):
+    """v1 (champion, accuracy 0.5) and v2 (challenger, 0.9) of NAME."""
+    v1 = new_version(model_uri, 0.5)
+    gate(v1, 0.5)
+    return model_uri, v1, new_version(model_uri, 0.9)
 
-    assert tracking.display_uri("http://ana:s3cret@host:5005/x") == "http://host:5005/x"
-    assert tracking.display_uri("sqlite:////abs/mlruns/mlflow.db") == (
-        "sqlite:////abs/mlruns/mlflow.db")
+
+@pytest.mark.parametrize("code", ["INTERNAL_ERROR", "INVALID_PARAMETER_VALUE",
+                                  "PERMISSION_DENIED"])
+def test_a_failing_registry_read_is_not_read_as_no_champion(registered, code):
+    """The old code turned any error into "no champion yet" and promoted."""
+    _, _, v2 = registered
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(mlflow.MlflowClient, "get_registered_model", _fail(code))
+        with pytest.raises(StoreError) as err:
+            registry.gate(NAME, v2, 0.1, MANIFEST, 0.0, never_called)
+        msg = str(err.value)
+        assert store.tracking_uri() in msg and "read registered model" in msg
+        assert code in msg
+        with pytest.raises(StoreError):
+            registry.resolve(NAME, "champion")
+    assert aliases() == {"champion": "1", "challenger": "2"}  # nothing moved
+    assert "promotion" not in tags(v2)
 
 
-def test_version_note_has_the_metrics_the_manifest_the_run_and_the_decision():
-    metrics = {"test_accuracy": 0.61234, "test_top5_accuracy": 0.9, "test_macro_f1": 0.6}
-    decision = Promotion(model_name="m", version="3", test_accuracy=0.61234,
-                         test_manifest_sha256="ab" * 32, min_delta=0.0, champion_version="2",
-                         champion_test_accuracy=0.6, decided_at="", promoted=True,
-                         reason="test_accuracy 0.6123 beats champion v2's 0.6000",
-                         run_id="r")
-    text = registry.version_note(metrics, "data/manifests/test.csv", 1000, "ab" * 32,
-                                 "lr=0.01", "#/experiments/1/runs/r", decision)
-    assert text.splitlines()[0] == ("test_accuracy 0.6123 · test_top5_accuracy 0.9000 · "
-                                    "test_macro_f1 0.6000")
-    assert "`data/manifests/test.csv` (1000 images, sha256 `abababababab`)" in text
-    assert "Run [lr=0.01](#/experiments/1/runs/r)." in text
-    assert text.endswith("**promoted to champion**: test_accuracy 0.6123 beats champion "
-                         "v2's 0.6000.")
+def test_an_alias_is_unset_only_when_absent_from_the_alias_list(registered, monkeypatch):
+    # asking MLflow for an unset alias directly raises INVALID_PARAMETER_VALUE, like other
+    # bad requests: the registry reads the alias list instead and never asks
+    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version_by_alias",
+                        _fail("INVALID_PARAMETER_VALUE"))
+    assert registry.alias_version(NAME, "previous-champion") is None
+    assert str(registry.alias_version(NAME, "champion").version) == "1"
+
+
+def test_only_an_existing_model_is_ignored_on_create(registered, monkeypatch):
+    uri, _, _ = registered
+    versions = len(store.client().search_model_versions(f"name='{NAME}'"))
+    monkeypatch.setattr(mlflow.MlflowClient, "create_registered_model",
+                        _fail("RESOURCE_ALREADY_EXISTS"))
+    assert registry.register(uri, NAME, {"test_accuracy": "0.1"}) == str(versions + 1)
+    monkeypatch.setattr(mlflow.MlflowClient, "create_registered_model",
+                        _fail("INTERNAL_ERROR"))
+    with pytest.raises(StoreError, match="create registered model"):
+        registry.register(uri, NAME, {"test_accuracy": "0.2"})
+    assert len(store.client().search_model_versions(f"name='{NAME}'")) == versions + 1
+
+
+def test_a_stop_waits_for_the_decision_and_its_record(registered, monkeypatch):
+    """SIGTERM in the middle of the gate's writes takes effect after the alias moved and the
+    decision was recorded, never between them."""
+    from pipeline import signals
+
+    _, v1, v2 = registered
+    signals.install()
+    real = mlflow.MlflowClient.set_model_version_tag
+
+    def tag_then_stop(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the critical section
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", tag_then_stop)
+    try:
+        with pytest.raises(signals.Terminated):
+            registry.gate(NAME, v2, 0.9, MANIFEST, 0.0, never_called)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert aliases()["champion"] == v2 and aliases()["previous-champion"] == v1
+    assert tags(v2)["promotion"] == "promoted"
+
+
+def test_a_reregistered_run_reuses_its_version(registered):
+    """An evaluate killed after registering, run again: one version per run and model."""
+    uri, _, _ = registered
+    run_id = mlflow.search_runs(experiment_names=["registry-tests"],
+                                output_format="list")[0].info.run_id
+    first = registry.register(uri, NAME, {"run_id": run_id, "test_accuracy": "0.3"})
+    again = registry.register(uri, NAME, {"run_id": run_id, "test_accuracy": "0.3"})
+    assert first == again
+    assert tags(first)["test_accuracy"] == "0.3"
+
+
+def test_ties_go_to_the_lower_version_whatever_the_order(registered):
+    uri, _, _ = registered
+    v3, v4 = new_version(uri, 0.7), new_version(uri, 0.7)
+    assert gate(v4, 0.7)["promoted"]  # first
+    late = gate(v3, 0.7)
+    assert late["promoted"] and "lower version wins" in late["reason"]
+    assert aliases()["champion"] == v3
+    assert not gate(v4, 0.7)["promoted"]
+
+
+def test_the_rule_alone():
+    assert registry.decide("1", 0.1, None, None, 0.0) == (True, "no champion yet")
+    assert registry.decide("2", 0.1, "2", 0.9, 0.0) == (True, "already champion")
+    assert registry.decide("3", 0.61, "2", 0.6, 0.0)[0]
+    assert not registry.decide("3", 0.61, "2", 0.6, 0.01)[0]  # not by more than min_delta
+    assert not registry.decide("3", 0.6, "2", 0.6, 0.0)[0]  # a tie: the lower version
+    assert registry.decide("2", 0.6, "3", 0.6, 0.0)[0]

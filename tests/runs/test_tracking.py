@@ -1,66 +1,24 @@
-"""Run plumbing: where the store is (also inside DVC experiment workspaces), what a run is
-called and tagged with, and runs logged and resumed in a real store."""
+"""MLflow runs in a real store: opened, resumed, logged to and described; ended FINISHED,
+FAILED or KILLED (SIGTERM, Ctrl-C), runs of killed processes reaped; and no run opened when
+a check before the work fails."""
 
 import json
-from pathlib import Path
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import mlflow
 import pandas as pd
 import pytest
-from helpers import tiny_params
+from helpers import REPO, free_port, tiny_params
 
 from pipeline.handoffs import Manifest
-from pipeline.paths import project_root, resolve_user_path
-from pipeline.runs import tracking
-
-
-def test_project_root_inside_dvc_experiment_workspaces(tmp_path):
-    repo = tmp_path / "repo"
-    temp_ws = repo / ".dvc" / "tmp" / "exps" / "tmpab12cd" / "sub"
-    temp_ws.mkdir(parents=True)
-    assert project_root(temp_ws) == repo.resolve()
-    assert project_root(repo) == repo.resolve()
-    assert resolve_user_path("../data", temp_ws) == (tmp_path / "data").resolve()
-    assert resolve_user_path("/abs/x", temp_ws) == Path("/abs/x")
-
-
-def test_default_store_is_absolute_under_the_real_root(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    ws = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpxyz"
-    ws.mkdir(parents=True)
-    monkeypatch.chdir(ws)
-    uri = tracking.tracking_uri()
-    assert uri == f"sqlite:///{(tmp_path / 'repo').resolve()}/mlruns/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
-
-
-def test_run_name_says_what_differs(monkeypatch):
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    base = {"train.lr": 0.003, "train.epochs": 1, "split.seed": 1, "sample.seed": 1}
-    assert tracking.run_name(tracking.describe_changes(base, base)) == "baseline"
-    changed = {**base, "train.lr": 0.001, "sample.seed": 2}
-    assert tracking.describe_changes(changed, base) == "sample.seed=2 lr=0.001"
-    monkeypatch.setenv("DVC_EXP_NAME", "exp-1a2b3")
-    assert tracking.run_name("lr=0.001") == "exp-1a2b3: lr=0.001"
-
-
-def test_run_spec_names_tags_and_params(monkeypatch):
-    monkeypatch.setenv("DVC_EXP_NAME", "exp-abc")
-    monkeypatch.setattr(tracking, "committed_params", lambda: tiny_params().flat())
-    params = tiny_params(train={"lr": 0.01})
-    spec = tracking.run_spec(params)
-    assert spec.name == "exp-abc: lr=0.01"
-    assert spec.experiment == "food101"
-    assert spec.params == params.flat()
-    assert spec.tags["params_hash"] == params.digest()
-    assert spec.tags["dvc_exp_name"] == "exp-abc"
-    assert spec.tags["stage"] == "train"
-
-
-def test_committed_params_are_the_ones_at_git_head():
-    flat = tracking.committed_params()
-    assert flat is not None and flat["sample.size"] == 10_000
+from pipeline.model.errors import WeightsError
+from pipeline.runs import notes, spec, store, tracking
+from pipeline.runs.spec import Baseline, RunSpec
+from pipeline.runs.store import StoreError
 
 
 def test_start_resume_and_log(mlflow_store, tmp_path):
@@ -68,10 +26,10 @@ def test_start_resume_and_log(mlflow_store, tmp_path):
     Manifest(pd.DataFrame({"path": ["a.jpg"], "label": ["x"], "class_index": [0],
                            "sha256": ["0" * 64]})).write(manifest_file)
     manifest = Manifest.read(manifest_file)
-    spec = tracking.RunSpec("tests", "a run", {"stage": "train"}, {"train.lr": 0.1,
-                                                                    "sample.classes": ("a",),
-                                                                    "data.root": None})
-    with tracking.start_run(spec) as run_id:
+    run_spec = RunSpec("tests", "a run", {"stage": "train"}, {"train.lr": 0.1,
+                                                               "sample.classes": ("a",),
+                                                               "data.root": None})
+    with tracking.start_run(run_spec) as run_id:
         tracking.log_manifest(manifest, "train", "training")
         tracking.log_metrics({"val_accuracy": 0.5}, step=1)
         tracking.log_text("a,b\n", "x/table.csv")
@@ -90,58 +48,133 @@ def test_start_resume_and_log(mlflow_store, tmp_path):
 
 
 def test_a_failing_run_is_marked_failed(mlflow_store):
-    spec = tracking.RunSpec("tests", "boom", {}, {})
     with pytest.raises(RuntimeError):
-        with tracking.start_run(spec) as run_id:
+        with tracking.start_run(RunSpec("tests", "boom", {}, {})) as run_id:
             raise RuntimeError("boom")
     assert mlflow.get_run(run_id).info.status == "FAILED"
 
 
-def test_ui_routes_open_model_training_mode():
-    assert tracking.runs_route("3") == ("#/experiments/3/runs?workflowType=machine_learning"
-                                        "&viewStateShareKey=model-training")
-    assert tracking.runs_route("3", view=False) == \
-        "#/experiments/3/runs?workflowType=machine_learning"
-    assert tracking.run_route("3", "abc") == \
-        "#/experiments/3/runs/abc?workflowType=machine_learning"
-    assert tracking.model_route("food101 resnet") == \
-        "#/models/food101%20resnet?workflowType=machine_learning"
-    assert tracking.version_route("m", "2") == "#/models/m/versions/2?workflowType=machine_learning"
-    assert tracking.compare_route("3", ["a", "b"]) == (
-        "#/compare-runs?runs=%5B%22a%22%2C%20%22b%22%5D&experiments=%5B%223%22%5D"
-        "&workflowType=machine_learning")
+def test_the_description_uses_the_difference_computed_for_the_name(mlflow_store, monkeypatch):
+    run_spec = RunSpec("tests", "lr=0.01", {}, {"train.lr": 0.01}, "m",
+                       Baseline("0123456789abcdef", False, (("train.lr", 0.003, 0.01),)))
+    monkeypatch.setattr(spec, "_git", lambda *a: pytest.fail("git ran again"))
+    with tracking.start_run(run_spec) as run_id:
+        tracking.describe_run(run_spec, {"data": "4 images"})
+        tracking.set_run_note_section("Evaluation", "first")
+        tracking.set_run_note_section("Predict", "p")
+        tracking.set_run_note_section("Evaluation", "second")
+    note = mlflow.get_run(run_id).data.tags[notes.NOTE]
+    assert note.startswith(notes.run_note(run_spec.baseline.changes, "0123456789abcdef", False,
+                                          {"data": "4 images"}))
+    assert "| `train.lr` | 0.003 | **0.01** |" in note
+    assert note.endswith("\n\n### Predict\np\n\n### Evaluation\nsecond")
 
 
 def test_runs_page_uses_the_stored_view_once_the_experiment_has_it(mlflow_store):
     assert tracking.runs_page("nowhere") is None
     exp_id = tracking.ensure_experiment("ui")
-    assert tracking.runs_page("ui") == tracking.runs_route(exp_id, view=False)
+    assert tracking.runs_page("ui") == notes.runs_route(exp_id, view=False)
     tracking.describe_experiment(exp_id, "a-model")
-    assert tracking.runs_page("ui") == tracking.runs_route(exp_id)
+    assert tracking.runs_page("ui") == notes.runs_route(exp_id)
     tags = mlflow.MlflowClient().get_experiment(exp_id).tags
-    assert json.loads(tags[tracking.VIEW_TAG]) == tracking.runs_view_state()
-    assert tracking.runs_route(exp_id) in tags[tracking.NOTE]  # "Compare runs" links the view
+    assert json.loads(tags[notes.VIEW_TAG]) == notes.runs_view_state()
+    assert notes.runs_route(exp_id) in tags[notes.NOTE]  # "Compare runs" links the view
 
 
-def test_run_note_lists_what_differs_from_the_committed_baseline():
-    base = {"train.lr": 0.003, "sample.classes": "all", "train.epochs": 1}
-    now = {**base, "train.lr": 0.01, "sample.classes": ["a|b", "c"], "model.new": 1}
-    assert tracking.baseline_diff(now, base) == [
-        ("model.new", None, 1), ("sample.classes", "all", ["a|b", "c"]),
-        ("train.lr", 0.003, 0.01)]
-    note = tracking.run_note(now, base, {"data": "4 images"})
-    assert "| `train.lr` | 0.003 | **0.01** |" in note
-    assert '| `sample.classes` | all | **["a\\|b", "c"]** |' in note  # a pipe cannot split a cell
-    assert note.endswith("\n\n- data: 4 images")
-    assert "no param differs" in tracking.run_note(base, base, {})
-    assert "unknown" in tracking.run_note(base, None, {})
+# -- killed and stopped processes -------------------------------------------------------------
+
+OWNER = textwrap.dedent("""
+    import sys, time
+    from pipeline import signals
+    from pipeline.runs import tracking
+    from pipeline.runs.spec import RunSpec
+    signals.install()
+    try:
+        with tracking.start_run(RunSpec("faults", "victim", {}, {})) as run_id:
+            print(run_id, flush=True)
+            time.sleep(120)  # until the test stops this process
+    except KeyboardInterrupt as exc:
+        sys.exit(signals.exit_code(exc))
+""")
 
 
-def test_run_note_sections_are_replaced_not_repeated(mlflow_store):
-    with tracking.start_run(tracking.RunSpec("tests", "notes", {}, {})) as run_id:
-        tracking.set_run_note("head")
-        tracking.set_run_note_section("Evaluation", "first")
-        tracking.set_run_note_section("Predict", "p")
-        tracking.set_run_note_section("Evaluation", "second")
-    note = mlflow.get_run(run_id).data.tags[tracking.NOTE]
-    assert note == "head\n\n### Predict\np\n\n### Evaluation\nsecond"
+@pytest.fixture()
+def child_env(mlflow_store) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PYTHONPATH": str(REPO)}
+
+
+def _start_owner(env: dict) -> tuple[subprocess.Popen, str]:
+    """A process that owns a running run; returns once the run is open."""
+    proc = subprocess.Popen([sys.executable, "-c", OWNER], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_id = proc.stdout.readline().strip()
+    assert run_id, proc.stderr.read()
+    return proc, run_id
+
+
+def test_a_sigkilled_run_is_reaped_by_the_next_one_and_only_it(child_env):
+    proc, run_id = _start_owner(child_env)
+    tags = mlflow.get_run(run_id).data.tags
+    assert tags[tracking.PID_TAG] == str(proc.pid) and tags[tracking.HOST_TAG]
+    exp = tracking.ensure_experiment("faults")
+    other = store.client().create_run(exp, tags={
+        tracking.HOST_TAG: "another-host", tracking.PID_TAG: "1", tracking.STARTED_TAG: "0"})
+    assert tracking.reap_killed_runs(exp) == []  # alive, or another machine's: left alone
+    proc.kill()
+    proc.wait()
+    assert mlflow.get_run(run_id).info.status == "RUNNING"  # nobody could end it
+    with tracking.start_run(RunSpec("faults", "next", {}, {})):
+        pass
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert "was gone" in run.data.tags["food101.reaped"]
+    assert mlflow.get_run(other.info.run_id).info.status == "RUNNING"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM,
+                                    pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_sigterm_and_ctrl_c_end_the_run_as_killed_at_once(child_env, signum):
+    proc, run_id = _start_owner(child_env)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=60) == 128 + signum
+    assert mlflow.get_run(run_id).info.status == "KILLED"
+
+
+# -- no run when a check before the work fails ------------------------------------------------
+
+
+def test_an_unreachable_server_stops_train_before_any_work(tiny_data, tmp_path, monkeypatch):
+    from pipeline.jobs.train import TrainData, train_and_log
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # quick; the stage test waits
+    p = tiny_params()
+    data = TrainData(tiny_data.root, tiny_data.classes, tiny_data.train, tiny_data.val)
+    with pytest.raises(StoreError) as err:
+        train_and_log(data, p.model, p.train, 32, RunSpec("e", "n", {}, {}),
+                      tmp_path / "features", p.compute)
+    assert uri in str(err.value) and "reach the store" in str(err.value)
+    assert not (tmp_path / "features").exists()  # no feature was extracted
+
+
+def _offline(*args, **kwargs):
+    import urllib.error
+
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
+def test_missing_weights_stop_train_before_a_run_is_opened(tiny_data, tmp_path, mlflow_store,
+                                                           monkeypatch):
+    import torch
+
+    from pipeline.jobs.train import TrainData, train_and_log
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "urlopen", _offline)
+    p = tiny_params(model={"weights": "imagenet"})
+    data = TrainData(tiny_data.root, tiny_data.classes, tiny_data.train, tiny_data.val)
+    with pytest.raises(WeightsError, match="resnet50-11ad3fa6.pth"):
+        train_and_log(data, p.model, p.train, 32, RunSpec("weights", "n", {}, {}), None,
+                      p.compute)
+    assert mlflow.get_experiment_by_name("weights") is None  # no run, not even an experiment

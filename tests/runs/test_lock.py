@@ -1,0 +1,49 @@
+"""The promotion lock: a file beside a local store, and on a server the registered model
+``<name>.promotion-lock`` (run here against a SQLite store's registry, which takes the same
+requests): held by one pipeline, released, broken once when its holder expired."""
+
+import time
+
+import pytest
+
+from pipeline.runs import lock, store
+from pipeline.runs.lock import LockError
+
+
+def test_the_lock_file_lives_beside_the_sqlite_store(mlflow_store):
+    assert lock.lock_path() == store.sqlite_path(mlflow_store).parent / "registry.lock"
+    with lock.promotion_lock("m"):
+        assert lock.lock_path().exists()
+    assert not store.client().search_registered_models("name = 'm.promotion-lock'")
+
+
+def test_a_server_store_keeps_its_lock_file_out_of_mlruns(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5005")
+    assert lock.lock_path() == tmp_path / ".cache" / "registry.lock"
+
+
+def test_the_server_lock_is_a_registered_model_while_held(mlflow_store):
+    c = store.client()
+    with lock.server_lock("m"):
+        held = c.get_registered_model("m" + lock.LOCK_SUFFIX).tags
+        assert held["holder"] and held["token"] and float(held["expires_at"]) > time.time()
+    assert not c.search_registered_models("name = 'm.promotion-lock'")  # released
+
+
+def test_an_expired_lock_is_broken_once_and_a_live_one_is_not(mlflow_store, monkeypatch):
+    c = store.client()
+    name = "stale" + lock.LOCK_SUFFIX
+    c.create_registered_model(name, tags={"token": "dead", "holder": "gone:1",
+                                          "expires_at": f"{time.time() - 1:.3f}"})
+    with lock.server_lock("stale"):
+        assert c.get_registered_model(name).tags["token"] != "dead"  # ours now
+    assert not c.search_registered_models(f"name = '{name}'")
+    assert not c.search_registered_models("name LIKE 'stale.promotion-lock.break-%'")
+    monkeypatch.setattr(lock, "LOCK_WAIT_SECONDS", 0.0)  # give up at the first refusal
+    c.create_registered_model(name, tags={"token": "alive", "holder": "busy:2",
+                                          "expires_at": f"{time.time() + 600:.3f}"})
+    with pytest.raises(LockError, match="still held .held by busy:2"):
+        with lock.server_lock("stale"):
+            pass
+    assert c.get_registered_model(name).tags["token"] == "alive"  # not broken
