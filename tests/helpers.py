@@ -161,7 +161,8 @@ TINY_PROJECT = {
     "demo": {"classes": 4, "train_per_class": 20, "test_per_class": 10, "min_side": 40,
              "max_side": 56},
     "sample": {"size": 60, "test_size": 20, "unlabeled_size": 6},
-    "train": {"epochs": 2, "batch_size": 16, "log_every": 2, "num_workers": 0},
+    "train": {"epochs": 2, "batch_size": 16, "log_every": 2},
+    "compute": {"num_workers": 0},
 }
 PROJECT_FILES = ("pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml",
                  ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
