@@ -86,12 +86,13 @@ def ddp_data(learnable_demo, tmp_path_factory):
                           train={"epochs": 4, "batch_size": 32, "log_every": 1})
 
 
-def _train_here(data, tmp_path: Path, experiment: str):
+def _train_here(data, tmp_path: Path, experiment: str, seed: int = 0):
     from pipeline.jobs.train import TrainData, TrainRun, train_and_log
     from pipeline.runs.tracking import RunSpec
 
     p = data.params
-    spec = RunSpec(experiment, experiment, {}, p.flat())
+    p = dataclasses.replace(p, train=dataclasses.replace(p.train, seed=seed))
+    spec = RunSpec(experiment, f"{experiment}-seed{seed}", {}, p.flat())
     return train_and_log(TrainRun.from_params(
         p, TrainData(data.root, data.classes, data.train, data.val), tmp_path / "features",
         spec=spec))
@@ -117,15 +118,20 @@ def _runs(experiment: str) -> list:
 @pytest.mark.slow
 def test_ddp_is_one_run_close_to_one_process_and_its_model_runs_on_cpu(
         ddp_data, mlflow_store, tmp_path, ranks_env):
-    one = _train_here(ddp_data, tmp_path, "one")
+    # One process, with the seed (head init, batch order) changed: on this small set that
+    # alone moves the validation accuracy by up to ~0.14 (measured: 0.63-0.77 for seeds 0-3).
+    ones = [_train_here(ddp_data, tmp_path, "one", seed) for seed in range(4)]
+    one = ones[0]
     two = _train_ranks(ddp_data, tmp_path, "two")
-    # Standard DDP: another batch order and per-rank BatchNorm statistics (Gloo), the same
-    # global batch size and number of steps: close to one process, not equal.
-    acc1, acc2 = one.metrics["val_accuracy"], two["metrics"]["val_accuracy"]
-    assert abs(acc1 - acc2) <= 0.02, (acc1, acc2)
+    # Standard DDP (a DistributedSampler's batch order, per-rank BatchNorm statistics on Gloo)
+    # is another draw of the same training: it lands where one process lands, within 0.02 of
+    # the range the seeds span, not on one process's exact figure.
+    accs = [o.metrics["val_accuracy"] for o in ones]
+    acc2 = two["metrics"]["val_accuracy"]
+    assert min(accs) - 0.02 <= acc2 <= max(accs) + 0.02, (accs, acc2)
 
     (run,) = _runs("two")  # exactly one run for the whole DDP training, owned by rank 0
-    (run1,) = _runs("one")
+    run1 = next(r for r in _runs("one") if r.info.run_id == one.run.run_id)
     assert run.info.run_id == two["run_id"] and run.info.status == "FINISHED"
     params = run.data.params
     assert params["resolved.nproc"] == "2" and params["resolved.device"] == "cpu"
