@@ -29,12 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import handoffs  # noqa: E402
+from pipeline.compute import loader_workers, resolve_compute  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.features import compute_features, loader_workers  # noqa: E402
+from pipeline.features.extract import Extraction, compute_features  # noqa: E402
 from pipeline.model.devices import cpu_bf16_supported, resolve_precision  # noqa: E402
 from pipeline.model.weights import build_backbone  # noqa: E402
 from pipeline.paths import feature_cache_dir  # noqa: E402
-from pipeline.training import train_model  # noqa: E402
+from pipeline.training import TrainData, TrainJob, train_model  # noqa: E402
 
 
 def extraction(params, paths: list[Path], precision: str, compile: str) -> dict:
@@ -42,12 +43,10 @@ def extraction(params, paths: list[Path], precision: str, compile: str) -> dict:
     without the cache: images/s of the loop, and the total including model preparation."""
     backbone, _ = build_backbone(params.model.arch, params.model.weights, params.model.init_seed)
     t0 = time.perf_counter()
-    _, stats = compute_features(
-        backbone, paths, store=None, image_size=params.data.image_size, precision=precision,
-        batch_size=params.compute.feature_batch_size,
-        num_workers=loader_workers(params.compute.num_workers, "cpu"),
-        compile=compile,
-    )
+    how = Extraction(params.data.image_size, precision, "cpu",
+                     params.compute.feature_batch_size,
+                     loader_workers(params.compute.num_workers, "cpu"), compile)
+    _, stats = compute_features(backbone, paths, how)
     total = time.perf_counter() - t0
     return {
         "images": len(paths),
@@ -73,8 +72,9 @@ def main() -> None:
     params = load_params("params.yaml")
     report = handoffs.SampleReport.read()
     root, classes = report.image_root(), list(report.classes)
-    train = handoffs.Manifest.read(handoffs.TRAIN_MANIFEST).frame
-    val = handoffs.Manifest.read(handoffs.VAL_MANIFEST).frame
+    data = TrainData(root, tuple(classes), handoffs.Manifest.read(handoffs.TRAIN_MANIFEST),
+                     handoffs.Manifest.read(handoffs.VAL_MANIFEST))
+    train, val = data.train.frame, data.val.frame
     paths = [root / p for p in pd.concat([train, val])["path"]]
     auto = resolve_precision(params.train.precision, "cpu")  # this script measures the CPU
     out: dict = {"cpu_threads": torch.get_num_threads(), "bf16_native": cpu_bf16_supported(),
@@ -94,9 +94,11 @@ def main() -> None:
 
     # Head epochs on the cached features of the whole train/val split: the `train` stage's
     # own code path (train_model), so the figure is what a head-only experiment pays.
-    cfg = dataclasses.replace(params.train, epochs=args.epochs)
-    result = train_model(root, train, val, classes, params.model, cfg, params.data.image_size,
-                         feature_cache_dir())
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train,
+                                                                   epochs=args.epochs))
+    compute = resolve_compute(dataclasses.replace(params.compute, nproc=1),
+                              params.train.precision)
+    result = train_model(TrainJob.from_params(params, data, feature_cache_dir(), compute))
     out["load_cached_features_s"] = round(
         sum(s["seconds"] for s in result.feature_stats.values()), 2)
     out["cache_hits"] = sum(s["cache_hits"] for s in result.feature_stats.values())

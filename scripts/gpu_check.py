@@ -124,7 +124,7 @@ def _cosines(backbone, paths, image_size: int, device, precision: str) -> dict[s
     import numpy as np
     import torch
 
-    from pipeline.features import compute_features
+    from pipeline.features.extract import Extraction, compute_features
     from pipeline.model.imaging import load_image
     from pipeline.model.presets import eval_pixels, eval_resize_crop, normalize_batch
 
@@ -134,37 +134,50 @@ def _cosines(backbone, paths, image_size: int, device, precision: str) -> dict[s
         reference = backbone.eval()(normalize_batch(pixels)).float().numpy()
     out = {}
     for prec in dict.fromkeys(["fp32", precision]):
-        feats, _ = compute_features(backbone, paths, store=None, image_size=image_size,
-                                    precision=prec, batch_size=16, num_workers=0,
-                                    compile="never", device=device)
+        feats, _ = compute_features(backbone, paths,
+                                    Extraction(image_size, prec, device, 16, 0, "never"))
         num = (feats * reference).sum(1)
         den = np.linalg.norm(feats, axis=1) * np.linalg.norm(reference, axis=1)
         out[prec] = float((num / np.maximum(den, 1e-12)).min())
     return out
 
 
-def _ddp_worker(group, task: dict) -> None:
-    """One rank of the library DDP check (this module is importable by the spawned workers)."""
-    from pipeline.training import train_model
+def ddp_rank(task_file: Path) -> None:
+    """One rank of the library DDP check, started by torchrun (``gpu_check.py ddp-rank``):
+    joins the group as the train stage does and trains; rank 0 writes the result."""
+    from pipeline import distributed
+    from pipeline.compute import resolve_compute
+    from pipeline.config import params_from_dict
+    from pipeline.handoffs import Manifest
+    from pipeline.training import TrainData, TrainJob, train_model
 
-    result = train_model(**task["args"], compute=task["compute"], group=group)
-    if group.is_main:
-        Path(task["out"]).write_text(json.dumps(
-            {"history": result.history, "throughput": result.throughput}))
+    task = json.loads(task_file.read_text())
+    p = params_from_dict(task["params"])
+    data = TrainData(Path(task["root"]), tuple(task["classes"]), Manifest.read(task["train"]),
+                     Manifest.read(task["val"]))
+    job = TrainJob.from_params(p, data, None,
+                               resolve_compute(p.compute, p.train.precision))
+    with distributed.joined(job.compute) as group:
+        result = train_model(job, group=group)
+        if group is None or group.is_main:
+            Path(task["out"]).write_text(json.dumps(
+                {"history": result.history, "throughput": result.throughput}))
 
 
 def library(smoke: bool, out: Path) -> None:
     import torch
 
     from pipeline import distributed
+    from pipeline.compute import resolve_compute
     from pipeline.config import params_from_dict
-    from pipeline.features import compute_features
+    from pipeline.features.extract import Extraction, compute_features
+    from pipeline.handoffs import Manifest
     from pipeline.model.card import ModelCard
     from pipeline.model.devices import resolve_device, resolve_precision
     from pipeline.model.inference import load_classifier
     from pipeline.model.presets import Preprocessing
     from pipeline.model.weights import build_backbone
-    from pipeline.training import head_spec, resolve_compute, train_model
+    from pipeline.training import TrainData, TrainJob, head_spec, train_model
 
     sizes = SMOKE if smoke else FULL
     device = torch.device("cpu") if smoke else resolve_device("auto")
@@ -183,10 +196,9 @@ def library(smoke: bool, out: Path) -> None:
         for batch in sizes.sweep:  # feature extraction, as the train stage runs it
             _cuda_peak_reset(device)
             t0 = time.perf_counter()
-            _, stats = compute_features(backbone, paths, store=None,
-                                        image_size=sizes.image_size, precision=precision,
-                                        batch_size=batch, num_workers=0 if smoke else
-                                        _workers(device), compile="never", device=device)
+            how = Extraction(sizes.image_size, precision, device, batch,
+                             0 if smoke else _workers(device), "never")
+            _, stats = compute_features(backbone, paths, how)
             rows.append(Row(f"extract, batch {batch}", dev, precision,
                             extract_ips=stats["extract_images_per_second"],
                             gpu_mem_mb=_cuda_peak(device),
@@ -198,19 +210,23 @@ def library(smoke: bool, out: Path) -> None:
             rows.append(Row(f"features vs CPU fp32 eager ({prec})", dev, prec,
                             cosine=round(value, 5)))
 
-        def params(**train):
+        data = TrainData(root, tuple(classes), Manifest(train), Manifest(val))
+
+        def params(**sections):
             base = {"epochs": sizes.head_epochs, "batch_size": sizes.batch_size,
-                    "log_every": 1000, "compile": "never", "device": dev,
-                    "feature_batch_size": sizes.sweep[-1]}
+                    "log_every": 1000}
+            where = {"compile": "never", "device": dev, "feature_batch_size": sizes.sweep[-1]}
             return params_from_dict({"data": {"image_size": sizes.image_size},
-                                     "train": {**base, **train.pop("train", {})}, **train})
+                                     "train": {**base, **sections.pop("train", {})},
+                                     "compute": {**where, **sections.pop("compute", {})},
+                                     **sections})
 
         def run(name: str, p, finetune: bool) -> tuple:
-            compute = resolve_compute(p.train)
+            job = TrainJob.from_params(p, data, None)
+            compute = job.compute
             _cuda_peak_reset(device)
             t0 = time.perf_counter()
-            result = train_model(root, train, val, classes, p.model, p.train,
-                                 sizes.image_size, None, compute=compute)
+            result = train_model(job)
             last = result.history[-1]
             rows.append(Row(name, compute.device, compute.precision,
                             finetune_ips=round(last["train_images_per_second"], 1)
@@ -251,18 +267,19 @@ def library(smoke: bool, out: Path) -> None:
         gpus = torch.cuda.device_count() if device.type == "cuda" else 0
         if gpus >= 2 or smoke:
             nproc = gpus if gpus >= 2 else 2
-            p = params(train={"epochs": 1, "augment": True, "nproc": nproc,
-                              "device": "cuda" if gpus >= 2 else "cpu"},
+            p = params(train={"epochs": 1, "augment": True},
+                       compute={"nproc": nproc, "device": "cuda" if gpus >= 2 else "cpu"},
                        model={"freeze": "layer4"})
-            compute = resolve_compute(p.train)
-            task = {"args": dict(root=root, train_df=train, val_df=val, classes=classes,
-                                 model_cfg=p.model, train_cfg=p.train,
-                                 image_size=sizes.image_size, cache_dir=None),
-                    "compute": compute, "out": str(Path(tmp) / "ddp.json")}
+            compute = resolve_compute(p.compute, p.train.precision)
+            Manifest(train).write(Path(tmp) / "train.csv")
+            Manifest(val).write(Path(tmp) / "val.csv")
+            task = {"params": asdict(p), "root": str(root), "classes": list(classes),
+                    "train": str(Path(tmp) / "train.csv"), "val": str(Path(tmp) / "val.csv"),
+                    "out": str(Path(tmp) / "ddp.json")}
+            (Path(tmp) / "ddp-task.json").write_text(json.dumps(task))
             t0 = time.perf_counter()
-            distributed.launch(_ddp_worker, (task,), nproc=nproc,
-                               device_type=compute.device_type, threads=compute.threads,
-                               workdir=Path(tmp) / "ddp")
+            # as the train stage does: the ranks run under torchrun
+            distributed.torchrun(compute, [__file__, "ddp-rank", str(Path(tmp) / "ddp-task.json")])
             ddp = json.loads((Path(tmp) / "ddp.json").read_text())
             last = ddp["history"][-1]
             rows.append(Row(f"DDP x{nproc} fine-tune, 1 epoch (val acc)", compute.device,
@@ -280,7 +297,7 @@ def library(smoke: bool, out: Path) -> None:
 
 
 def _workers(device) -> int:
-    from pipeline.features import loader_workers
+    from pipeline.compute import loader_workers
 
     return loader_workers("auto", device.type)
 
@@ -294,7 +311,8 @@ SMOKE_PARAMS = {
     "demo": {"classes": 4, "train_per_class": 20, "test_per_class": 10, "min_side": 40,
              "max_side": 56},
     "sample": {"size": 60, "test_size": 20, "unlabeled_size": 6},
-    "train": {"epochs": 2, "batch_size": 16, "log_every": 2, "compile": "never"},
+    "train": {"epochs": 2, "batch_size": 16, "log_every": 2},
+    "compute": {"compile": "never"},
 }
 
 
@@ -409,13 +427,16 @@ def table(files: list[Path]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["library", "pipeline", "table"])
-    ap.add_argument("files", nargs="*", type=Path, help="table: the steps' JSON files")
+    ap.add_argument("step", choices=["library", "pipeline", "table", "ddp-rank"])
+    ap.add_argument("files", nargs="*", type=Path,
+                    help="table: the steps' JSON files; ddp-rank: the task file")
     ap.add_argument("--out", type=Path, help="library/pipeline: where to write the rows")
     ap.add_argument("--smoke", action="store_true", help="tiny data on the CPU")
     args = ap.parse_args()
     if args.step == "table":
         table(args.files)
+    elif args.step == "ddp-rank":  # started by torchrun, from the library step
+        ddp_rank(args.files[0])
     elif args.step == "library":
         library(args.smoke, args.out)
     else:

@@ -123,8 +123,7 @@ def champion(tiny_demo, tmp_path_factory, migrated_db) -> SimpleNamespace:
     Tests that use it must not change its registry; ``champion_store`` points MLflow at it.
     """
     from pipeline.jobs.evaluate import TestData, evaluate_and_log
-    from pipeline.jobs.train import TrainData, train_and_log
-    from pipeline.runs.spec import run_spec
+    from pipeline.jobs.train import TrainData, TrainRun, train_and_log
 
     tmp = tmp_path_factory.mktemp("champion")
     uri = fresh_store(tmp, migrated_db)
@@ -133,9 +132,8 @@ def champion(tiny_demo, tmp_path_factory, migrated_db) -> SimpleNamespace:
         _use_store(mp, uri)
         data = make_tiny_data(tiny_demo, tmp)
         p = data.params
-        trained = train_and_log(TrainData(data.root, data.classes, data.train, data.val),
-                                p.model, p.train, p.data.image_size, run_spec(p), cache,
-                                p.compute)
+        trained = train_and_log(TrainRun.from_params(
+            p, TrainData(data.root, data.classes, data.train, data.val), cache))
         evaluated = evaluate_and_log(TestData(data.root, data.classes, data.test), trained.run,
                                      p.registry, p.compute, cache)
         _end_runs()

@@ -1,15 +1,23 @@
-"""Functions the DDP tests run inside launched workers. They live in an importable module (not
-a test file): the launcher's spawned processes import them by name."""
+"""What the DDP tests run as ranks under torchrun: ``python -m ddp_workers <name> <folder>``
+(``tests/`` and the repository on ``PYTHONPATH``). Each rank joins the group as the train
+stage does (``distributed.joined``) and runs one of the functions below; a user error exits 2
+with its message, as a stage does."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline import distributed, signals
+from pipeline.compute import resolve_compute
+from pipeline.config import ComputeConfig, params_from_dict
+from pipeline.errors import USER_ERRORS, PipelineError
 
 
 def _note_pid(group, out: str) -> None:
@@ -18,24 +26,12 @@ def _note_pid(group, out: str) -> None:
 
 def collectives(group, out: str) -> None:
     """Rank r contributes r + 1 rows of value r (rank 0 also a [0, 0] array), and 1 to a sum."""
+    import torch
+
     rows = np.full((group.rank + 1, 3), group.rank, np.float32)
     gathered = group.all_gather_rows(rows)
     empty = group.all_gather_rows(np.zeros((0, 0), np.float32) if group.rank == 0 else rows)
-    import torch
-
-    from pipeline.distributed import GlobalBatchNorm, GlobalDropout
-
-    # BatchNorm over the global batch: each rank normalises its rows (r, r+2, ...) of one
-    # batch with the statistics of all of them; dropout keeps its rows of the global mask
-    x = torch.arange(48, dtype=torch.float32).reshape(12, 4) ** 1.5
-    bn = GlobalBatchNorm(4, affine=True).train()
-    with torch.no_grad():
-        bn.weight.mul_(2.0)
-    normed = bn(x[group.rank :: group.world_size]).detach()
-    torch.manual_seed(0)
-    masked = GlobalDropout(0.5, group.rank, group.world_size).train()(torch.ones(6, 8))
     np.savez(Path(out, f"rank{group.rank}.npz"), *gathered,
-             normed=normed.numpy(), running_var=bn.running_var.numpy(), masked=masked.numpy(),
              sums=np.array(group.sum([group.rank, 1.5])),
              empty_rows=np.array([len(e) for e in empty]),
              threads=np.array(torch.get_num_threads()),
@@ -43,13 +39,15 @@ def collectives(group, out: str) -> None:
 
 
 def kill_rank_one(group, out: str) -> None:
-    """Rank 1 is SIGKILLed while rank 0 waits for it in a collective."""
+    """Rank 1 is SIGKILLed (once rank 0 has noted its pid) while rank 0 waits for it in a
+    collective."""
     _note_pid(group, out)
     if group.rank == 1:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while not Path(out, "pid0").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         os.kill(os.getpid(), 9)
     group.barrier()
-    time.sleep(60)
 
 
 def user_error_on_rank_one(group, out: str) -> None:
@@ -57,4 +55,37 @@ def user_error_on_rank_one(group, out: str) -> None:
     if group.rank == 1:
         raise PipelineError("rank 1 found a stale manifest (a message for people)")
     group.barrier()
-    time.sleep(60)
+
+
+def train(cfg: dict) -> None:
+    """The train job from a JSON description; rank 0 writes what it returned."""
+    from pipeline.handoffs import Manifest
+    from pipeline.jobs.train import TrainData, TrainRun, train_and_log
+    from pipeline.runs.tracking import RunSpec
+
+    p = params_from_dict(cfg["params"])
+    data = TrainData(Path(cfg["root"]), tuple(cfg["classes"]), Manifest.read(cfg["train"]),
+                     Manifest.read(cfg["val"]))
+    spec = RunSpec(cfg["experiment"], cfg["experiment"], {}, p.flat())
+    out = train_and_log(TrainRun.from_params(p, data, Path(cfg["cache"]), spec=spec))
+    if out is not None:
+        Path(cfg["result"]).write_text(json.dumps(
+            {"metrics": out.metrics, "run_id": out.run.run_id, "model_uri": out.run.model_uri}))
+
+
+def main(name: str, arg: str) -> None:
+    signals.install()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if name == "train":
+            train(json.loads(Path(arg).read_text()))
+            return
+        with distributed.joined(resolve_compute(ComputeConfig(device="cpu"))) as group:
+            globals()[name](group, arg)
+    except USER_ERRORS as exc:
+        logging.getLogger("ddp_workers").error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -32,17 +32,20 @@ LAYERS = {
     "pipeline.paths": 7,
     "pipeline.signals": 7,
     "pipeline.progress": 7,
-    "pipeline.distributed": 8,
     "pipeline.config": 8,
     "pipeline.services": 8,
     "pipeline.handoffs": 9,
+    "pipeline.compute": 9,
+    "pipeline.distributed": 10,
     "pipeline.data.demo": 10,
-    "pipeline.features": 10,
+    "pipeline.features.cache": 10,
     "pipeline.evaluation": 10,
     "pipeline.plots": 10,
     "pipeline.data.sources": 11,
     "pipeline.data.sampling": 11,
-    "pipeline.training": 11,
+    "pipeline.features.extract": 11,
+    "pipeline.features.scoring": 12,
+    "pipeline.training": 12,
     "pipeline.runs.store": 12,
     "pipeline.runs.notes": 12,
     "pipeline.runs.spec": 13,
@@ -57,7 +60,8 @@ LAYERS = {
     "pipeline.team": 16,
     "pipeline.__main__": 17,
 }
-PACKAGES = {"pipeline", "pipeline.model", "pipeline.data", "pipeline.runs", "pipeline.jobs"}
+PACKAGES = {"pipeline", "pipeline.model", "pipeline.data", "pipeline.runs", "pipeline.jobs",
+            "pipeline.features"}
 HANDOFF_CLASSES = {"SourceInfo", "SourceIndex", "SampleReport", "RunRef", "Promotion",
                    "Manifest", "UnlabeledKey"}
 HANDOFF_WRITERS = {"write_json", "write_csv", "atomic_write_bytes", "write_unlabeled",

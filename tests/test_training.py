@@ -10,12 +10,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.data.sampling import draw_sample, split_sample
 from pipeline.data.sources import index_food101
-from pipeline.model.devices import DeviceError
+from pipeline.handoffs import Manifest
 from pipeline.training import (
+    TrainData,
+    TrainJob,
     _lone_last_batch,
     evaluate,
     fit,
-    resolve_compute,
     seed_everything,
     train_model,
     train_one_epoch,
@@ -33,6 +34,10 @@ def _separable(n=64, dim=8, classes=3, seed=0):
 def _head(dim=8, classes=3):
     return nn.Sequential(nn.Linear(dim, 16), nn.ReLU(), nn.Linear(16, classes),
                          nn.LogSoftmax(dim=1))
+
+
+def _job(params, td) -> TrainJob:
+    return TrainJob.from_params(params, TrainData(td.root, td.classes, td.train, td.val), None)
 
 
 def test_evaluate_scores_against_the_true_labels():
@@ -93,9 +98,7 @@ def test_train_model_with_a_lone_last_image(tiny_data):
     """48 sampled, 36 train images, batch 35: the last batch has one image and is dropped."""
     p = tiny_params(train={"batch_size": 35, "epochs": 1})
     steps = []
-    result = train_model(tiny_data.root, tiny_data.train.frame, tiny_data.val.frame,
-                         list(tiny_data.classes), p.model, p.train, 32, None,
-                         on_step=lambda s, loss: steps.append(s))
+    result = train_model(_job(p, tiny_data), on_step=lambda s, loss: steps.append(s))
     assert len(tiny_data.train.frame) == 36
     assert steps == [1]
     assert np.isfinite(result.final["train_loss"])
@@ -104,9 +107,7 @@ def test_train_model_with_a_lone_last_image(tiny_data):
 def test_end_to_end_path_with_augmentation(tiny_data):
     p = tiny_params(train={"augment": True, "epochs": 1}, model={"freeze": "layer4"})
     steps = []
-    result = train_model(tiny_data.root, tiny_data.train.frame, tiny_data.val.frame,
-                         list(tiny_data.classes), p.model, p.train, 32, None,
-                         on_step=lambda s, loss: steps.append(loss))
+    result = train_model(_job(p, tiny_data), on_step=lambda s, loss: steps.append(loss))
     assert result.path == "end-to-end"
     assert len(steps) == int(np.ceil(len(tiny_data.train.frame) / p.train.batch_size))
     assert np.isfinite(result.final["val_loss"])
@@ -124,7 +125,8 @@ def test_head_on_frozen_random_backbone_learns_the_demo(learnable_demo):
     res = draw_sample(root, index, classes, params.sample, 64)
     train, val = split_sample(res.sample.frame, params.split)
     epochs = []
-    result = train_model(root, train, val, classes, params.model, params.train, 64, None,
+    data = TrainData(root, tuple(classes), Manifest(train), Manifest(val))
+    result = train_model(TrainJob.from_params(params, data, None),
                          on_epoch=lambda e, m: epochs.append(e))
     assert epochs == list(range(1, 16))
     assert result.path == "cached-features"
@@ -134,37 +136,7 @@ def test_head_on_frozen_random_backbone_learns_the_demo(learnable_demo):
     assert losses[-1] < losses[0]
 
 
-# -- where training runs, and the fine-tuning options -----------------------------------------
-
-
-def test_compute_on_this_cpu(gpus, monkeypatch):
-    import pipeline.training as training
-
-    gpus(0)
-    monkeypatch.setattr(training, "cpu_cores", lambda: 8)
-    c = resolve_compute(tiny_params(compute={"num_workers": "auto"}).compute)
-    assert (c.device, c.nproc, c.num_workers) == ("cpu", 1, 0)
-    assert c.as_params()["resolved.device"] == "cpu"
-    c = resolve_compute(tiny_params(compute={"nproc": 2}).compute)
-    assert (c.nproc, c.threads) == (2, 4)  # cores // nproc per rank
-    assert resolve_compute(tiny_params(compute={"nproc": "auto"}).compute).nproc == 1
-    with pytest.raises(DeviceError, match="compute.device cuda"):
-        resolve_compute(tiny_params(compute={"device": "cuda"}).compute)
-
-
-def test_compute_with_gpus(gpus, monkeypatch):
-    import pipeline.features as features
-
-    gpus(4)
-    monkeypatch.setattr(features, "cpu_cores", lambda: 16)
-    c = resolve_compute(tiny_params(compute={"nproc": "auto", "num_workers": "auto"}).compute)
-    assert (c.device, c.nproc, c.precision, c.device_count) == ("cuda", 4, "bf16", 4)
-    assert c.num_workers == 3  # 16 cores / 4 processes, one left for the process itself
-    one = resolve_compute(tiny_params(compute={"device": "cuda:2"}).compute)
-    assert (one.device, one.nproc, one.device_name) == ("cuda:2", 1, "Mocked GPU")
-    assert resolve_compute(tiny_params(compute={"num_workers": "auto"}).compute).num_workers == 8
-    with pytest.raises(DeviceError, match="only 4 GPU"):
-        resolve_compute(tiny_params(compute={"nproc": 5, "device": "cuda"}).compute)
+# -- the fine-tuning options ----------------------------------------------------------------
 
 
 class _Wrapper(nn.Module):

@@ -3,6 +3,7 @@ new version and gate it."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from pipeline.compute import resolve_compute
 from pipeline.config import ComputeConfig, RegistryConfig
 from pipeline.evaluation import (
     classification_metrics,
@@ -21,9 +23,8 @@ from pipeline.evaluation import (
     per_class_report,
     worst_predictions,
 )
-from pipeline.features import loader_workers, score_manifest
+from pipeline.features.scoring import score_manifest
 from pipeline.handoffs import Manifest, Promotion, RunRef
-from pipeline.model.devices import DeviceError, resolve_device
 from pipeline.model.imaging import load_image
 from pipeline.model.pyfunc import load_network
 from pipeline.plots import (
@@ -114,13 +115,12 @@ def evaluate_and_log(
     """Test metrics (always against the true labels), per-class report and confusion matrix
     in the run; then a new registry version and the promotion gate.
 
-    ``compute_cfg`` gives the device, the extraction batch size and decoding workers; the
-    precision is the one the logged model resolves on that device.
+    ``compute_cfg`` gives the device, the extraction batch size, decoding workers and the
+    compile policy (resolved as for training, in one process); the precision is the one the
+    logged model resolves on that device.
     """
-    try:
-        device = resolve_device(compute_cfg.device)  # checked before the run is re-opened
-    except DeviceError as exc:
-        raise DeviceError(f"compute.{exc}") from None
+    # checked before the run is re-opened
+    compute = resolve_compute(dataclasses.replace(compute_cfg, nproc=1))
     df = data.test.frame
     classes = list(data.classes)
     y_true = df["class_index"].to_numpy()
@@ -130,11 +130,7 @@ def evaluate_and_log(
         if list(card.classes) != classes:
             raise TrackingError(
                 "the logged model's classes differ from reports/sample.json: re-run train")
-        probs = score_manifest(net, card, data.root, df, cache_dir=cache_dir,
-                               batch_size=compute_cfg.feature_batch_size,
-                               num_workers=loader_workers(compute_cfg.num_workers,
-                                                          device.type),
-                               device=device)
+        probs = score_manifest(net, card, data.root, df, compute, cache_dir)
         y_pred = probs.argmax(1)
         metrics = classification_metrics(y_true, probs)
         per_class = per_class_report(y_true, y_pred, classes)

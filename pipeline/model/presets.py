@@ -2,11 +2,12 @@
 eval preset used by feature extraction, evaluation, prediction and the logged model, and one
 train preset for ``train.augment``. Sizes come from the model card or the config.
 
-The geometry is torchvision's transforms v2 on PIL images. Turning pixels into normalised
-tensors is :func:`normalize_batch`, not ``v2.ToDtype(scale=True)`` + ``v2.Normalize``: v2
-scales by multiplying with 1/255 where ``ToTensor`` divided by 255, which changes the last bit
-of some values, and every feature cached so far (and the accuracy of every logged model) was
-computed with the division.
+A preset is its geometry (:func:`eval_resize_crop`, :func:`train_resize_crop`: torchvision's
+transforms v2 on PIL images, per image, in the decoding workers) and :func:`normalize_batch`
+(per batch, on the device). :func:`normalize_batch` is not ``v2.ToDtype(scale=True)`` +
+``v2.Normalize``: v2 scales by multiplying with 1/255 where ``ToTensor`` divided by 255,
+which changes the last bit of some values, and every feature cached so far (and the accuracy
+of every logged model) was computed with the division.
 """
 
 from __future__ import annotations
@@ -81,18 +82,6 @@ def normalize_batch(pixels: np.ndarray | torch.Tensor,
     return x.float().div(255).sub(mean).div(std).contiguous(memory_format=torch.channels_last)
 
 
-class ToNormalizedTensor:
-    """PIL RGB -> [3,S,S] float32, ImageNet-normalised: :func:`normalize_batch` for one image."""
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return normalize_batch(np.array(img)[None])[0]
-
-
-def eval_transform(image_size: int) -> v2.Compose:
-    """Eval preset: resize the shorter side, centre crop, normalise -> [3,S,S]."""
-    return v2.Compose([eval_resize_crop(image_size), ToNormalizedTensor()])
-
-
 def train_resize_crop(image_size: int) -> v2.Compose:
     """The geometric half of the train preset (``train.augment``), torchvision's recipe shape:
     a random resized crop (50-100 % of the area, 3/4-4/3 aspect) and a horizontal flip."""
@@ -103,7 +92,3 @@ def train_resize_crop(image_size: int) -> v2.Compose:
         ]
     )
 
-
-def train_transform(image_size: int) -> v2.Compose:
-    """Train preset (``train.augment``): random resized crop and horizontal flip, normalised."""
-    return v2.Compose([train_resize_crop(image_size), ToNormalizedTensor()])

@@ -120,10 +120,13 @@ def test_sample_size_experiment(project):
 
 
 def test_ddp_experiment_is_one_run_with_a_version_and_a_decision(project):
-    """`dvc exp run -S compute.nproc=2`: two Gloo workers, one MLflow run, a registered version
-    and a champion decision, the validation accuracy of one process."""
+    """`dvc exp run -S compute.nproc=2`: the train stage runs itself as two Gloo ranks under
+    torchrun; one MLflow run (rank 0's), a registered version and a champion decision.
+
+    How close its accuracy lands to one process's is tests/test_distributed.py's check (180
+    validation images): here 12 images (one image = 0.083) and standard DDP's own batch
+    order make the figure a draw, as a new train.seed would."""
     repo, env, _ = project
-    one = json.loads((repo / "metrics" / "train.json").read_text())["val_accuracy"]
     client = _client(repo)
     exp_id = client.get_experiment_by_name("food101").experiment_id
     before = {r.info.run_id for r in client.search_runs([exp_id])}
@@ -137,5 +140,5 @@ def test_ddp_experiment_is_one_run_with_a_version_and_a_decision(project):
     version = client.get_model_version("food101-resnet50", decision["version"])
     assert version.run_id == new[0].info.run_id
     two = json.loads((repo / "metrics" / "train.json").read_text())["val_accuracy"]
-    assert abs(two - one) <= 0.02, (one, two)
+    assert two == new[0].data.metrics["val_accuracy"]  # rank 0 wrote the stage's outputs
     _sh(repo, "git", "checkout", "params.yaml", env=env)

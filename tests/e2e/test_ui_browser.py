@@ -76,7 +76,7 @@ def browser():
 def project(tiny_demo, tmp_path_factory, migrated_db):
     """A project folder whose mlruns/ holds two evaluated runs of the real jobs."""
     from pipeline.jobs.evaluate import TestData, evaluate_and_log
-    from pipeline.jobs.train import TrainData, train_and_log
+    from pipeline.jobs.train import TrainData, TrainRun, train_and_log
     from pipeline.runs.spec import run_spec
 
     root = tmp_path_factory.mktemp("ui-project")
@@ -90,10 +90,11 @@ def project(tiny_demo, tmp_path_factory, migrated_db):
             data = make_tiny_data(tiny_demo, root / name, train={"lr": float(name[3:])})
             p = data.params
             spec = dataclasses.replace(run_spec(p), name=name)
-            trained = train_and_log(TrainData(data.root, data.classes, data.train, data.val),
-                                    p.model, p.train, p.data.image_size, spec, root / "cache")
+            trained = train_and_log(TrainRun.from_params(
+                p, TrainData(data.root, data.classes, data.train, data.val), root / "cache",
+                spec=spec))
             evaluate_and_log(TestData(data.root, data.classes, data.test), trained.run,
-                             p.registry, p.train, root / "cache")
+                             p.registry, p.compute, root / "cache")
             runs.append(trained.run.run_id)
         while mlflow.active_run():
             mlflow.end_run()

@@ -13,7 +13,12 @@ from pipeline.model.inference import (
     load_classifier,
 )
 from pipeline.model.network import HeadSpec, build_model
-from pipeline.model.presets import Preprocessing, eval_transform
+from pipeline.model.presets import (
+    Preprocessing,
+    eval_pixels,
+    eval_resize_crop,
+    normalize_batch,
+)
 from pipeline.model.weights import build_backbone
 
 
@@ -44,7 +49,8 @@ def test_classifier_on_bytes_and_paths_in_batches(tiny_demo):
     # the eager network on the eval preset gives the same answer
     from pipeline.model.imaging import load_image
 
-    x = torch.stack([eval_transform(32)(load_image(p, min_side=32)) for p in paths])
+    x = normalize_batch(np.stack([eval_pixels(load_image(p, min_side=32), eval_resize_crop(32))
+                                  for p in paths]))
     with torch.inference_mode():
         eager = net(x)
     torch.testing.assert_close(by_path, eager, rtol=1e-3, atol=1e-3)

@@ -19,7 +19,9 @@ import pandas as pd
 import pytest
 from helpers import REPO, champion_network, log_legacy_model
 
-from pipeline.features import score_manifest
+from pipeline.compute import resolve_compute
+from pipeline.config import ComputeConfig
+from pipeline.features.scoring import score_manifest
 from pipeline.model.pyfunc import load_network, signature
 from pipeline.runs import run_model
 
@@ -92,8 +94,8 @@ def test_a_fresh_isolated_process_predicts_what_the_evaluation_did(champion_stor
 
     # the same numbers as the evaluate job's scoring path, not just the same argmax
     net, card = champion_network(c, tmp_path)
-    probs = score_manifest(net, card, c.data.root, c.data.test.frame, cache_dir=None,
-                           batch_size=16, num_workers=0)
+    cpu = resolve_compute(ComputeConfig(device="cpu", num_workers=0))
+    probs = score_manifest(net, card, c.data.root, c.data.test.frame, cpu, None)
     np.testing.assert_allclose(out["bytes"]["confidence"], probs.max(1), atol=1e-5)
     np.testing.assert_allclose(out["path"]["confidence"], out["bytes"]["confidence"],
                                atol=1e-6)

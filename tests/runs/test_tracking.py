@@ -144,7 +144,7 @@ def test_sigterm_and_ctrl_c_end_the_run_as_killed_at_once(child_env, signum):
 
 
 def test_an_unreachable_server_stops_train_before_any_work(tiny_data, tmp_path, monkeypatch):
-    from pipeline.jobs.train import TrainData, train_and_log
+    from pipeline.jobs.train import TrainData, TrainRun, train_and_log
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -152,8 +152,8 @@ def test_an_unreachable_server_stops_train_before_any_work(tiny_data, tmp_path, 
     p = tiny_params()
     data = TrainData(tiny_data.root, tiny_data.classes, tiny_data.train, tiny_data.val)
     with pytest.raises(StoreError) as err:
-        train_and_log(data, p.model, p.train, 32, RunSpec("e", "n", {}, {}),
-                      tmp_path / "features", p.compute)
+        train_and_log(TrainRun.from_params(p, data, tmp_path / "features",
+                                           spec=RunSpec("e", "n", {}, {})))
     assert uri in str(err.value) and "reach the store" in str(err.value)
     assert not (tmp_path / "features").exists()  # no feature was extracted
 
@@ -168,13 +168,13 @@ def test_missing_weights_stop_train_before_a_run_is_opened(tiny_data, tmp_path, 
                                                            monkeypatch):
     import torch
 
-    from pipeline.jobs.train import TrainData, train_and_log
+    from pipeline.jobs.train import TrainData, TrainRun, train_and_log
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "urlopen", _offline)
     p = tiny_params(model={"weights": "imagenet"})
     data = TrainData(tiny_data.root, tiny_data.classes, tiny_data.train, tiny_data.val)
     with pytest.raises(WeightsError, match="resnet50-11ad3fa6.pth"):
-        train_and_log(data, p.model, p.train, 32, RunSpec("weights", "n", {}, {}), None,
-                      p.compute)
+        train_and_log(TrainRun.from_params(p, data, None,
+                                           spec=RunSpec("weights", "n", {}, {})))
     assert mlflow.get_experiment_by_name("weights") is None  # no run, not even an experiment
