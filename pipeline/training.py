@@ -1,7 +1,7 @@
-"""Transfer learning: the fixed-shape loop (``train_one_epoch`` / ``evaluate`` / ``fit``) and
-``train_model``, which picks the fast path (cached backbone features, head only) whenever the
-backbone is frozen and there is no augmentation, and otherwise trains end to end (the
-fine-tuning path: ``model.freeze: layer4 | none``, ``train.augment``).
+"""Transfer learning: ``train_model`` builds the network and its loaders and runs the loop of
+``pipeline.loop`` on the path it picks: cached backbone features, head only, whenever the
+backbone is frozen and there is no augmentation; otherwise end to end (the fine-tuning path:
+``model.freeze: layer4 | none``, ``train.augment``).
 
 What to train and where is one :class:`TrainJob`, resolved before any work. Given a ``Group``
 (this process is one rank of several that torchrun started, ``pipeline.distributed``), the
@@ -18,8 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 import random
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,17 +33,13 @@ from pipeline.distributed import Group, sync_batchnorm_supported
 from pipeline.features.cache import verified_digests
 from pipeline.features.extract import Extraction, loader_options, manifest_features
 from pipeline.handoffs import Manifest
-from pipeline.model.devices import autocast, needs_grad_scaler
+from pipeline.loop import CPU, EpochCallback, StepCallback, fit, inner_module, kept_epoch
 from pipeline.model.imaging import load_image
-from pipeline.model.network import FoodNet, HeadSpec, apply_freeze, build_model, set_train_mode
-from pipeline.model.presets import eval_pixels, eval_resize_crop, normalize_batch, train_resize_crop
+from pipeline.model.network import FoodNet, HeadSpec, apply_freeze, build_model
+from pipeline.model.presets import eval_pixels, eval_resize_crop, train_resize_crop
 from pipeline.model.weights import build_backbone
 
 log = logging.getLogger(__name__)
-
-StepCallback = Callable[[int, float], None]  # (global step, loss)
-EpochCallback = Callable[[int, dict], None]  # (epoch, metrics)
-CPU = torch.device("cpu")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -102,169 +96,6 @@ class LabeledImages(Dataset):
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         img = load_image(self.paths[i], min_side=self.image_size)  # JPEG draft decoding
         return eval_pixels(img, self.geometry), self.labels[i]
-
-
-def _inputs(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch on ``device``: uint8 images are normalised there, features just copied."""
-    if x.dtype == torch.uint8:
-        return normalize_batch(x, device)
-    return x.to(device, non_blocking=True)
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return getattr(model, "module", model)
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    *,
-    freeze: str | None,
-    precision: str,
-    log_every: int,
-    step: int,
-    on_step: StepCallback | None = None,
-    device: torch.device = CPU,
-    scaler: torch.amp.GradScaler | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    group: Group | None = None,
-) -> tuple[dict, int]:
-    """One pass over ``loader``; returns ({"train_loss": mean}, the global step after it).
-
-    With a ``group`` the loss is the mean over every rank's images (the step-level loss
-    too: the mean of the ranks' equal shares of the global batch).
-    """
-    model.train()
-    set_train_mode(_inner(model), freeze)  # frozen parts stay in eval mode, under DDP too
-    criterion = nn.NLLLoss()
-    total, count = 0.0, 0
-    for x, y in loader:
-        x, y = _inputs(x, device), y.to(device, non_blocking=True)
-        with autocast(precision, device):
-            out = model(x)
-        loss = criterion(out.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scaled gradients, skipped steps on overflow
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        step += 1
-        total += loss.item() * len(y)
-        count += len(y)
-        if step % log_every == 0:
-            value = loss.item()
-            if group is not None:  # every rank takes part, only rank 0 reports
-                value = group.sum([value])[0] / group.world_size
-            if on_step is not None:
-                on_step(step, value)
-    if group is not None:
-        total, count = group.sum([total, count])
-    return {"train_loss": total / max(count, 1)}, step
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, precision: str, device: torch.device = CPU,
-             group: Group | None = None) -> dict:
-    """Mean NLL loss and accuracy against the true labels; with a ``group``, over the
-    union of the ranks' shards (the whole validation set)."""
-    model.eval()
-    criterion = nn.NLLLoss(reduction="sum")
-    total, correct, count = 0.0, 0, 0
-    for x, y in loader:
-        x, y = _inputs(x, device), y.to(device, non_blocking=True)
-        with autocast(precision, device):
-            out = model(x).float()
-        total += criterion(out, y).item()
-        correct += (out.argmax(1) == y).sum().item()
-        count += len(y)
-    if group is not None:
-        total, correct, count = group.sum([total, correct, count])
-    return {"val_loss": total / max(count, 1), "val_accuracy": correct / max(count, 1)}
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (the reference); AdamW, decoupled weight decay, when ``train.weight_decay`` > 0."""
-    if cfg.weight_decay > 0:
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr)
-
-
-def kept_epoch(history: list[dict], keep: str) -> int:
-    """The epoch whose weights ``train.keep`` keeps: the last, or the first best by
-    validation accuracy."""
-    if keep == "best":
-        return max(history, key=lambda h: h["val_accuracy"])["epoch"]
-    return history[-1]["epoch"]
-
-
-def fit(
-    model: nn.Module,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
-    cfg: TrainConfig,
-    *,
-    freeze: str | None,
-    precision: str,
-    on_epoch: EpochCallback | None = None,
-    on_step: StepCallback | None = None,
-    device: torch.device = CPU,
-    group: Group | None = None,
-) -> list[dict]:
-    """Adam(W) on the trainable parameters for ``cfg.epochs`` (per-step cosine schedule with
-    ``train.scheduler: cosine``); one history row per epoch. With ``train.keep: best`` the
-    model ends with the weights of its best epoch (:func:`kept_epoch`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
-    scheduler = None
-    if cfg.scheduler == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(1, cfg.epochs * len(train_loader)))
-    scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(precision, device) else None
-    sampler = getattr(train_loader, "sampler", None)
-    best: tuple[float, dict] | None = None
-    history, step = [], 0
-    for epoch in range(1, cfg.epochs + 1):
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch - 1)  # a new shuffle each epoch, the same on every rank
-        t0 = time.perf_counter()
-        first_step = step
-        train_m, step = train_one_epoch(
-            model, train_loader, optimizer, freeze=freeze, precision=precision,
-            log_every=cfg.log_every, step=step, on_step=on_step, device=device,
-            scaler=scaler, scheduler=scheduler, group=group,
-        )
-        train_s = time.perf_counter() - t0
-        metrics = {**train_m, **evaluate(_inner(model), val_loader, precision, device, group)}
-        metrics["epoch_seconds"] = time.perf_counter() - t0
-        steps = max(step - first_step, 1)
-        metrics["seconds_per_step"] = train_s / steps
-        images = len(train_loader.sampler) * (group.world_size if group is not None else 1)
-        metrics["train_images_per_second"] = images / train_s if train_s else 0.0
-        if scheduler is not None:
-            metrics["lr"] = scheduler.get_last_lr()[0]
-        log.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_accuracy %.4f  (%.1f s)",
-            epoch, cfg.epochs, metrics["train_loss"], metrics["val_loss"],
-            metrics["val_accuracy"], metrics["epoch_seconds"],
-        )
-        history.append({"epoch": epoch, **metrics})
-        if cfg.keep == "best" and (best is None or metrics["val_accuracy"] > best[0]):
-            state = _inner(model).state_dict()
-            best = (metrics["val_accuracy"], {k: v.detach().clone() for k, v in state.items()})
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-    if best is not None and kept_epoch(history, "best") != history[-1]["epoch"]:
-        _inner(model).load_state_dict(best[1])
-        log.info("keeping the weights of epoch %d (best val_accuracy %.4f)",
-                 kept_epoch(history, "best"), best[0])
-    return history
 
 
 @dataclass
@@ -444,8 +275,8 @@ def train_model(
     history = fit(wrapped, loaders.train, loaders.val, job.train, freeze=freeze,
                   precision=precision, on_epoch=on_epoch, on_step=on_step, device=device,
                   group=group)
-    if _inner(wrapped) is not trained:  # SyncBatchNorm trained a copy: take its weights
-        trained.load_state_dict(_inner(wrapped).state_dict())
+    if inner_module(wrapped) is not trained:  # SyncBatchNorm trained a copy: take its weights
+        trained.load_state_dict(inner_module(wrapped).state_dict())
     throughput = {
         "train_images_per_second": [round(h["train_images_per_second"], 1) for h in history],
         "seconds_per_step": [round(h["seconds_per_step"], 4) for h in history],

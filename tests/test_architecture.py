@@ -45,6 +45,7 @@ LAYERS = {
     "pipeline.data.sampling": 11,
     "pipeline.features.extract": 11,
     "pipeline.features.scoring": 12,
+    "pipeline.loop": 11,
     "pipeline.training": 12,
     "pipeline.runs.store": 12,
     "pipeline.runs.notes": 12,

@@ -11,16 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from pipeline.data.sampling import draw_sample, split_sample
 from pipeline.data.sources import index_food101
 from pipeline.handoffs import Manifest
-from pipeline.training import (
-    TrainData,
-    TrainJob,
-    _lone_last_batch,
-    evaluate,
-    fit,
-    seed_everything,
-    train_model,
-    train_one_epoch,
-)
+from pipeline.loop import evaluate, fit, train_one_epoch
+from pipeline.training import TrainData, TrainJob, _lone_last_batch, seed_everything, train_model
 
 
 def _separable(n=64, dim=8, classes=3, seed=0):
@@ -168,7 +160,7 @@ def test_fine_tuning_keeps_frozen_batchnorm_in_eval_mode_under_a_wrapper():
 
 
 def test_cosine_schedule_weight_decay_and_keeping_the_best_epoch():
-    from pipeline.training import kept_epoch, make_optimizer
+    from pipeline.loop import kept_epoch, make_optimizer
 
     cfg = tiny_params(train={"epochs": 4, "lr": 0.05, "log_every": 1000,
                              "scheduler": "cosine", "weight_decay": 0.01, "keep": "best"}).train
