@@ -45,6 +45,7 @@ def _pids(out: Path) -> list[int]:
     return [int(p.read_text()) for p in sorted(out.glob("pid*"))]
 
 
+@pytest.mark.slow  # torchrun and two fresh interpreters that import torch
 def test_collectives_gather_and_sum_over_all_ranks(tmp_path, ranks_env):
     distributed.torchrun(TWO, ["-m", "ddp_workers", "collectives", str(tmp_path)])
     for rank in (0, 1):
@@ -56,6 +57,7 @@ def test_collectives_gather_and_sum_over_all_ranks(tmp_path, ranks_env):
             assert int(z["threads"]) == TWO.threads and int(z["world"]) == 2
 
 
+@pytest.mark.slow  # torchrun and two fresh interpreters that import torch
 def test_a_killed_rank_fails_the_launch_and_leaves_no_process(tmp_path, ranks_env, capfd):
     with pytest.raises(WorkerFailed, match="training under torchrun failed"):
         distributed.torchrun(TWO, ["-m", "ddp_workers", "kill_rank_one", str(tmp_path)])

@@ -38,6 +38,7 @@ def test_head_only_change_hits_the_cache(tiny_data, tmp_path):
         assert [h[key] for h in again.history] == [h[key] for h in first.history], key
 
 
+@pytest.mark.slow  # six extractions; the head-only hit test stays in the fast lane
 def test_preprocessing_weights_or_image_change_miss(tiny_data, tmp_path):
     cache = tmp_path / "cache"
     fp32 = {"precision": "fp32"}  # explicit: `auto` is bf16 on CPUs with native bf16

@@ -9,6 +9,7 @@ from pipeline.jobs.predict import predict_and_log
 from pipeline.runs.registry import RegistryError
 
 
+@pytest.mark.slow  # the model is loaded in a fresh interpreter
 def test_predict_labels_every_unlabeled_image(champion_store, tmp_path):
     c = champion_store
     files = unlabeled_files(c.data.unlabeled)

@@ -41,6 +41,7 @@ def test_the_child_imports_only_what_a_consumer_has():
     assert any(_parent_block(n) for n in tree.body)  # the parent's imports are apart
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch and MLflow
 def test_a_model_that_cannot_run_names_itself_and_the_store(mlflow_store, tmp_path):
     image = tmp_path / "x.jpg"
     image.write_bytes(b"not even an image")
@@ -52,7 +53,7 @@ def test_a_model_that_cannot_run_names_itself_and_the_store(mlflow_store, tmp_pa
     assert "nothing-here" in msg.split("\n", 1)[1]  # the child's own error, at the end
 
 
-@pytest.mark.slow  # two fresh processes; the predict job's test runs one in the fast lane
+@pytest.mark.slow  # two fresh processes
 def test_batch_size_changes_nothing_but_speed(champion_store):
     c = champion_store
     files = unlabeled_files(c.data.unlabeled)

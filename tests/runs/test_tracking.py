@@ -112,6 +112,7 @@ def _start_owner(env: dict) -> tuple[subprocess.Popen, str]:
     return proc, run_id
 
 
+@pytest.mark.slow  # a fresh interpreter that imports MLflow owns the run
 def test_a_sigkilled_run_is_reaped_by_the_next_one_and_only_it(child_env):
     proc, run_id = _start_owner(child_env)
     tags = mlflow.get_run(run_id).data.tags
@@ -131,8 +132,8 @@ def test_a_sigkilled_run_is_reaped_by_the_next_one_and_only_it(child_env):
     assert mlflow.get_run(other.info.run_id).info.status == "RUNNING"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM,
-                                    pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a fresh interpreter that imports MLflow owns the run
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_end_the_run_as_killed_at_once(child_env, signum):
     proc, run_id = _start_owner(child_env)
     proc.send_signal(signum)
