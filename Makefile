@@ -50,7 +50,7 @@ bench: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# The team setup (README "Team mode"): PostgreSQL + `mlflow server` with proxied artifacts,
+# The team setup (docs/team.md): PostgreSQL + `mlflow server` with proxied artifacts,
 # in the background, data in $(TEAM_DIR) (git-ignored, survives restarts). AUTH=1: MLflow's
 # basic-auth app. HOST=0.0.0.0 to serve other machines (with AUTH=1).
 TEAM_DIR    ?= .team

@@ -77,8 +77,9 @@ def loader_workers(requested: int | str, device_type: str, nproc: int = 1) -> in
     """Decoding worker processes per process for ``compute.num_workers``.
 
     ``auto``: none on a CPU (measured on 2 cores: a worker competes with the compute threads,
-    decoding between batches is faster; README "Feature cache"), and on a GPU the cores this
-    process may use, less one for itself, up to 8 (the GPU waits on decoding otherwise).
+    decoding between batches is faster; docs/figures.md "Speed on a CPU"), and on a GPU the
+    cores this process may use, less one for itself, up to 8 (the GPU waits on decoding
+    otherwise).
     """
     if requested != "auto":
         return int(requested)

@@ -121,7 +121,7 @@ def _auth_env(data: Path) -> dict[str, str]:
     _write_private(ini, "\n".join([
         "[mlflow]",
         # New users may read everything; a pipeline user needs EDIT on the experiment and
-        # the registered model (README: "Access").
+        # the registered model (docs/team.md "Access").
         "default_permission = READ",
         f"database_uri = sqlite:///{auth / 'basic_auth.db'}",
         f"admin_username = {ADMIN}",

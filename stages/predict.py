@@ -1,7 +1,8 @@
 """Stage ``predict``: label the unlabeled images with the registry's champion.
 
 Inputs: ``data/unlabeled/``, ``data/manifests/unlabeled_key.csv`` (used only to score),
-``reports/run.json``, ``reports/promotion.json``. Params: ``predict``, ``registry.model_name``.
+``reports/run.json``, ``reports/champion.json`` (a dependency: a moved champion re-runs it).
+Params: ``predict``, ``registry.model_name``.
 Outputs: ``predictions/predictions.csv`` (file, label, confidence, top5),
 ``metrics/predict.json`` (``accuracy`` against the answer key).
 """

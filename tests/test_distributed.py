@@ -246,7 +246,7 @@ def test_killing_one_rank_fails_the_stage_cleanly(long_project, tmp_path):
 
 @pytest.mark.slow
 def test_the_stage_under_an_outside_torchrun_is_one_run_and_dvc_takes_it(tmp_path):
-    """What several machines run (docs: several GPUs and machines), here with one:
+    """What several machines run (docs/gpus.md "Several machines"), here with one:
     `torchrun ... -m stages.train` on each, rank 0 owns the run and writes the outputs;
     `dvc commit train` records them and `dvc repro` carries on from evaluate."""
     repo = tmp_path / "repo"

@@ -34,8 +34,9 @@ CPU = torch.device("cpu")
 FLUSH_EVERY = 2048  # features written to the cache per shard, at most
 
 # Compiling costs seconds (more with a cold inductor cache) and pays back only over thousands
-# of images (README: "Feature cache"; `make bench` measures it): a first run of the default
-# sample extracts 10,000 (train+val in one call); the 1,000-image test set is not worth it.
+# of images (docs/gpus.md "The feature cache and `torch.compile`", docs/figures.md; `make
+# bench` measures it): a first run of the default sample extracts 10,000 (train+val in one
+# call); the 1,000-image test set is not worth it.
 COMPILE_MIN_IMAGES = 4000
 
 

@@ -1,6 +1,6 @@
 """Where a network runs and at what precision, decided on the machine that runs it.
 
-``train.device`` (``auto | cpu | cuda | cuda:N | mps``) and ``train.precision`` (``auto | fp32
+``compute.device`` (``auto | cpu | cuda | cuda:N | mps``) and ``train.precision`` (``auto | fp32
 | bf16 | fp16``) are resolved here for training, and the same rules run again when a logged
 model is loaded: a model picks the consumer's device and the precision that device supports,
 whatever machine trained it (a model trained in bf16 on a GPU runs in fp32 on a CPU without
