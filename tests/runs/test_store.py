@@ -105,6 +105,7 @@ def test_only_the_allowed_codes_reach_the_caller(monkeypatch):
         store.store_call("read a model", fail("INTERNAL_ERROR"), allow=(store.MISSING,))
 
 
+@pytest.mark.slow  # a fresh interpreter that imports MLflow
 def test_http_retry_defaults_are_bounded_and_a_users_values_win():
     code = ("import os; os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES'] = '9'; "
             "from pipeline.runs import store; import json; print(json.dumps({k: os.environ[k]"
