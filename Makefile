@@ -28,7 +28,7 @@ test: lint
 	$(PY) -m pytest
 
 # Everything but the tests marked slow (end-to-end dvc repro, HTTP serving, torch.compile,
-# learning to an accuracy, a model loaded in a fresh interpreter): under a minute on 2 cores.
+# learning to an accuracy, anything that starts a fresh interpreter); docs/figures.md has its time.
 # It prints its ten slowest tests: one that outgrows this lane shows at once.
 test-fast: lint
 	$(PY) -m pytest -m "not slow" --durations=10
