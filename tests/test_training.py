@@ -142,11 +142,11 @@ class _Wrapper(nn.Module):
         return self.module(x)
 
 
-def test_fine_tuning_keeps_frozen_batchnorm_in_eval_mode_under_a_wrapper():
+def test_fine_tuning_keeps_frozen_batchnorm_in_eval_mode_under_a_wrapper(backbone):
     from pipeline.model.network import HeadSpec, apply_freeze, build_model
 
     torch.manual_seed(0)
-    net = build_model("resnet50", 3, HeadSpec(hidden=8))
+    net = build_model("resnet50", 3, HeadSpec(hidden=8), backbone)
     apply_freeze(net, "layer4")
     loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])),
                         batch_size=4)

@@ -69,7 +69,6 @@ def build_backbone(arch: str, weights: str, init_seed: int = 0) -> tuple[nn.Modu
             model = builder(weights=None)
         used = f"none (random init, seed {init_seed})"
     else:
-        model = builder(weights=None)
         if weights == "imagenet":
             state = _load_imagenet_state(arch)
             used = f"imagenet ({imagenet_weights(arch)})"
@@ -77,10 +76,16 @@ def build_backbone(arch: str, weights: str, init_seed: int = 0) -> tuple[nn.Modu
             path = Path(weights).expanduser()
             state = load_state_file(path)
             used = f"file {path}"
+        # The backbone takes the loaded tensors as they are (float ones as float32, what
+        # copying into a float32 parameter gives): built on the meta device, it skips a
+        # random init that would be overwritten (~0.5 s for a ResNet50 on 2 cores).
         state = {k.removeprefix("backbone."): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
+        state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                 for k, v in state.items() if not k.startswith(("fc.", "head."))}
+        with torch.device("meta"):
+            model = builder(weights=None)
         try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as exc:  # a tensor of the wrong shape
             raise WeightsError(f"model.weights={weights}: does not fit {arch} ({exc})") from exc
         missing = [k for k in missing if not k.startswith("fc.")]

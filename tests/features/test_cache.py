@@ -11,7 +11,6 @@ from helpers import tiny_params
 from pipeline.features.cache import FeatureStore, StaleManifestError, cache_key
 from pipeline.features.extract import Extraction, compute_features
 from pipeline.model.network import state_digest
-from pipeline.model.weights import build_backbone
 from pipeline.training import TrainData, TrainJob, train_model
 
 
@@ -66,8 +65,7 @@ def test_preprocessing_weights_or_image_change_miss(tiny_data, tmp_path):
     assert _misses(_train(tiny_data, cache)) == 1
 
 
-def test_cached_features_equal_fresh_ones(tiny_demo, tmp_path):
-    backbone, _ = build_backbone("resnet50", "none", 0)
+def test_cached_features_equal_fresh_ones(tiny_demo, tmp_path, backbone):
     paths = sorted((tiny_demo / "images").rglob("*.jpg"))[:10]
     key = cache_key("resnet50", state_digest(backbone), 32, "fp32")
     how = Extraction(32, "fp32", batch_size=4, num_workers=0)

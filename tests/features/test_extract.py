@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from pipeline.features.extract import Extraction, compute_features
-from pipeline.model.weights import build_backbone
 
 
 def _paths(tiny_demo, n=6):
@@ -20,10 +19,9 @@ def _how(**settings):
 
 
 @pytest.mark.slow
-def test_compiled_extraction_matches_eager(tiny_demo):
+def test_compiled_extraction_matches_eager(tiny_demo, backbone):
     """torch.compile changes how features are computed, not what they are (the cache key
     does not include it); the last, partial batch is padded to the compiled batch size."""
-    backbone, _ = build_backbone("resnet50", "none", 0)
     eager, s_eager = compute_features(backbone, _paths(tiny_demo), _how(compile="never"))
     compiled, s_comp = compute_features(backbone, _paths(tiny_demo), _how(compile="always"))
     assert not s_eager["compiled"] and s_comp["compiled"]
@@ -31,20 +29,18 @@ def test_compiled_extraction_matches_eager(tiny_demo):
     np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
-def test_decoding_workers_give_the_same_features(tiny_demo):
-    backbone, _ = build_backbone("resnet50", "none", 0)
+def test_decoding_workers_give_the_same_features(tiny_demo, backbone):
     inline, _ = compute_features(backbone, _paths(tiny_demo), _how(compile="never"))
     workers, _ = compute_features(backbone, _paths(tiny_demo),
                                   _how(compile="never", num_workers=2))
     np.testing.assert_array_equal(workers, inline)
 
 
-def test_compile_failure_falls_back_to_eager(tiny_demo, monkeypatch, caplog):
+def test_compile_failure_falls_back_to_eager(tiny_demo, monkeypatch, caplog, backbone):
     def broken(*_, **__):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch, "compile", broken)
-    backbone, _ = build_backbone("resnet50", "none", 0)
     with caplog.at_level(logging.WARNING, logger="pipeline.features.extract"):
         feats, stats = compute_features(backbone, _paths(tiny_demo), _how(compile="always"))
     assert not stats["compiled"] and "torch.compile failed" in caplog.text

@@ -10,13 +10,11 @@ from pipeline.model.card import ModelCard
 from pipeline.model.imaging import load_image
 from pipeline.model.network import HeadSpec, build_model
 from pipeline.model.presets import Preprocessing, eval_pixels, eval_resize_crop, normalize_batch
-from pipeline.model.weights import build_backbone
 
 
-def test_score_manifest_is_the_network_on_the_eval_preset(tiny_data, tmp_path):
+def test_score_manifest_is_the_network_on_the_eval_preset(tiny_data, tmp_path, backbone):
     """What evaluate reports: the trained network's probabilities for each manifest row, the
     same from the cache as computed fresh, and the eager network's answer."""
-    backbone, _ = build_backbone("resnet50", "none", 0)
     torch.manual_seed(0)
     net = build_model("resnet50", 4, HeadSpec(hidden=8), backbone).eval()
     card = ModelCard(arch="resnet50", classes=tuple(tiny_data.classes), image_size=32,

@@ -45,9 +45,9 @@ def test_wrong_shapes_are_refused_with_the_reason(tmp_path, edit, message):
         ModelCard.read(tmp_path / "bad.json")
 
 
-def test_build_network_from_a_state_dict():
+def test_build_network_from_a_state_dict(backbone):
     torch.manual_seed(1)
-    trained = build_model("resnet50", 3, CARD.head)
+    trained = build_model("resnet50", 3, CARD.head, backbone)
     net = CARD.build_network(trained.state_dict())
     assert not net.training
     assert state_digest(net) == state_digest(trained)

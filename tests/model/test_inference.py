@@ -19,11 +19,9 @@ from pipeline.model.presets import (
     eval_resize_crop,
     normalize_batch,
 )
-from pipeline.model.weights import build_backbone
 
 
-def test_folded_backbone_matches_eager_and_leaves_the_original_alone():
-    backbone, _ = build_backbone("resnet50", "none", 0)
+def test_folded_backbone_matches_eager_and_leaves_the_original_alone(backbone):
     backbone.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
@@ -36,8 +34,7 @@ def test_folded_backbone_matches_eager_and_leaves_the_original_alone():
     assert not any(p.requires_grad for p in folded.parameters())
 
 
-def test_classifier_on_bytes_and_paths_in_batches(tiny_demo):
-    backbone, _ = build_backbone("resnet50", "none", 0)
+def test_classifier_on_bytes_and_paths_in_batches(tiny_demo, backbone):
     torch.manual_seed(0)
     net = build_model("resnet50", 4, HeadSpec(hidden=8), backbone).eval()
     clf = Classifier(net, 32, "fp32")
@@ -58,10 +55,10 @@ def test_classifier_on_bytes_and_paths_in_batches(tiny_demo):
     assert clf.log_probs([]).shape == (0, 4)
 
 
-def test_a_model_trained_in_bf16_runs_at_the_consumers_precision(tiny_demo, monkeypatch):
+def test_a_model_trained_in_bf16_runs_at_the_consumers_precision(tiny_demo, monkeypatch,
+                                                                  backbone):
     """The card says bf16 (say, trained on a GPU); on a CPU without native bf16 the model
     runs in fp32 (not emulated bf16), on one with it in bf16: resolved when it is loaded."""
-    backbone, _ = build_backbone("resnet50", "none", 0)
     torch.manual_seed(0)
     net = build_model("resnet50", 4, HeadSpec(hidden=8), backbone).eval()
     card = ModelCard(arch="resnet50", classes=("a", "b", "c", "d"), image_size=32,

@@ -12,23 +12,21 @@ from pipeline.model.network import (
     set_train_mode,
     state_digest,
 )
-from pipeline.model.weights import build_backbone
 
 
 def _bn_stats(module):
     return {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
 
 
-def _model(freeze: str) -> FoodNet:
-    backbone, _ = build_backbone("resnet50", "none", 0)
+def _model(backbone, freeze: str) -> FoodNet:
     model = build_model("resnet50", 3, HeadSpec(hidden=16), backbone)
     apply_freeze(model, freeze)
     return model
 
 
 @pytest.mark.parametrize("freeze", ["backbone", "layer4"])
-def test_frozen_backbone_batchnorm_statistics_do_not_move(freeze):
-    model = _model(freeze)
+def test_frozen_backbone_batchnorm_statistics_do_not_move(freeze, backbone):
+    model = _model(backbone, freeze)
     frozen = torch.nn.ModuleList(frozen_modules(model, freeze))
     before = _bn_stats(frozen)
     frozen_params = {n: p.clone() for n, p in frozen.named_parameters()}
@@ -52,16 +50,18 @@ def test_frozen_backbone_batchnorm_statistics_do_not_move(freeze):
         assert not torch.equal(l4, torch.zeros_like(l4))
 
 
-def test_unfrozen_model_trains_everything():
-    model = _model("none")
+def test_unfrozen_model_trains_everything(backbone):
+    model = _model(backbone, "none")
     set_train_mode(model, "none")
     assert all(p.requires_grad for p in model.parameters())
     assert model.backbone.training
 
 
-def test_head_shape_and_feature_norm():
-    plain = build_model("resnet50", 5, HeadSpec(hidden=8, dropout=0.0, feature_norm=False))
-    normed = build_model("resnet50", 5, HeadSpec(hidden=8, dropout=0.0, feature_norm=True))
+def test_head_shape_and_feature_norm(backbone):
+    plain = build_model("resnet50", 5, HeadSpec(hidden=8, dropout=0.0, feature_norm=False),
+                        backbone)
+    normed = build_model("resnet50", 5, HeadSpec(hidden=8, dropout=0.0, feature_norm=True),
+                         backbone)
     assert isinstance(normed.head[0], torch.nn.BatchNorm1d) and not normed.head[0].affine
     assert isinstance(plain.head[0], torch.nn.Linear)
     assert plain.head[0].in_features == 2048 and plain.head[-2].out_features == 5
@@ -71,8 +71,8 @@ def test_head_shape_and_feature_norm():
     torch.testing.assert_close(out.exp().sum(1), torch.ones(3))  # log-probabilities
 
 
-def test_state_digest_sees_every_value():
-    a = build_model("resnet50", 2, HeadSpec(hidden=4))
+def test_state_digest_sees_every_value(backbone):
+    a = build_model("resnet50", 2, HeadSpec(hidden=4), backbone)
     digest = state_digest(a)
     assert digest == state_digest(a)
     with torch.no_grad():

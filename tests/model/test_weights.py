@@ -39,6 +39,13 @@ def test_state_dict_path(tmp_path):
     torch.save(model.state_dict(), tmp_path / "full.pt")  # a full FoodNet checkpoint
     loaded, used = build_backbone("resnet50", str(tmp_path / "full.pt"), 0)
     assert used.startswith("file ") and state_digest(loaded) == state_digest(src)
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    # a half-precision checkpoint gives a float32 backbone (as copying into one would)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in src.state_dict().items()},
+               tmp_path / "half.pt")
+    half, _ = build_backbone("resnet50", str(tmp_path / "half.pt"), 0)
+    assert {t.dtype for t in half.parameters()} == {torch.float32}
+    assert half.training and all(p.requires_grad for p in half.parameters())
     with pytest.raises(WeightsError, match="no such file"):
         build_backbone("resnet50", str(tmp_path / "missing.pt"), 0)
     (tmp_path / "junk.pt").write_text("nope")
