@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -26,9 +27,10 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
-from helpers import free_port, log_echo_model, make_project, ran_stages, sh
+from helpers import free_port, log_echo_model, make_project, poll, ran_stages, sh
 
 from pipeline import team
+from pipeline.runs import store, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -333,3 +335,39 @@ def test_basic_auth_two_users_run_and_gate(auth_server, tmp_path):
     tracked = subprocess.run(["git", "grep", "-I", "-l", "-e", users["ana"], "-e",
                               users["ben"]], cwd=repo, capture_output=True, text=True)
     assert tracked.stdout == ""
+
+
+def test_training_metrics_ride_out_a_server_restart(server, monkeypatch, caplog):
+    """`make server-stop`, then `make server`, while a training run logs: the loop is not held
+    up, nothing is lost. Down past the outage window: an error naming the store."""
+    data = Path(server["data"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # straight to the pipeline's
+    run_id = store.client().create_run(tracking.ensure_experiment("restart")).info.run_id
+
+    def restart():
+        server.update(team.start(data, port=server["port"]))
+
+    caplog.set_level(logging.WARNING, logger="pipeline.runs.store")
+    try:
+        with tracking.metric_sender(run_id) as sender:
+            sender.log({"train_step_loss": 1.0}, 0)
+            assert team.stop(data)
+            for step in range(1, 20):  # the loop goes on while the server is down
+                sender.log({"train_step_loss": 1.0 / (step + 1)}, step)
+            poll(lambda: "unreachable during log metrics" in caplog.text, 60,
+                 "the sender waiting for the server")
+            restart()
+        steps = [m.step for m in store.client().get_metric_history(run_id, "train_step_loss")]
+        assert sorted(steps) == list(range(20))
+
+        monkeypatch.setenv(store.OUTAGE_ENV, "3")
+        with pytest.raises(store.StoreError) as err:
+            with tracking.metric_sender(run_id) as sender:
+                assert team.stop(data)
+                sender.log({"train_step_loss": 0.01}, 20)
+        assert f"{server['uri']}: log metrics failed" in str(err.value)
+        assert "did not answer for" in str(err.value)
+    finally:
+        if not _server_processes(data):
+            restart()

@@ -67,15 +67,6 @@ class TrainOutputs:
     curves: Figure  # learning curves (also logged to the run)
 
 
-def _log_epoch(epoch: int, metrics: dict) -> None:
-    keys = [*SCORES, "lr"] if "lr" in metrics else SCORES
-    tracking.log_metrics({k: metrics[k] for k in keys}, step=epoch)
-
-
-def _log_step(step: int, loss: float) -> None:
-    tracking.log_metric("train_step_loss", loss, step=step)
-
-
 def train_and_log(run: TrainRun) -> TrainOutputs | None:
     """Train in a new MLflow run: per-epoch metrics with their step, resolved values (the
     device, precision, processes...), the learning curves, the manifests as datasets, and the
@@ -101,8 +92,14 @@ def train_and_log(run: TrainRun) -> TrainOutputs | None:
             tracking.log_manifest(job.data.val, "val", "val")
             log.info("training on %s (%s), %s, %d process(es)", job.compute.device,
                      job.compute.device_name, job.compute.precision, job.compute.nproc)
-            result = train_model(job, on_epoch=_log_epoch, on_step=_log_step,
-                                 network=network, group=group)
+            # metrics go to the run from a background thread: the loop never waits on
+            # the store, and a restart of a tracking server is ridden out meanwhile
+            with tracking.metric_sender(run_id) as metrics:
+                result = train_model(
+                    job, network=network, group=group,
+                    on_epoch=lambda epoch, m: metrics.log(
+                        {k: m[k] for k in (*SCORES, "lr") if k in m}, epoch),
+                    on_step=lambda step, loss: metrics.log({"train_step_loss": loss}, step))
             history = pd.DataFrame(result.history)[["epoch", *SCORES]]
             curves = learning_curves(history)
             model_uri = _log_result(run, result, curves, run_id)

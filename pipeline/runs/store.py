@@ -8,7 +8,9 @@ Errors are errors: every store call goes through :func:`store_call`, which retri
 failures (a busy SQLite database) for a bounded time and turns any other store failure into
 a :class:`StoreError` naming the store and the operation. Only the codes a caller asks for
 (:data:`MISSING`, :data:`EXISTS`) reach it as MLflow's own exception. HTTP stores retry in
-MLflow itself (``MLFLOW_HTTP_REQUEST_*``, given bounded defaults here; a user's values win).
+MLflow itself (``MLFLOW_HTTP_REQUEST_*``, given bounded defaults here; a user's values win);
+once a server has answered, a server that stops answering (a restart of the team server) is
+waited for up to :func:`outage_seconds` before it is an error.
 """
 
 from __future__ import annotations
@@ -72,6 +74,16 @@ TRANSIENT = ("TEMPORARILY_UNAVAILABLE",)  # what MLflow's SQL store makes of a b
 # reports as BAD_REQUEST; run again, it finds the row and links to it.
 CONFLICTS = ("duplicate key value violates unique constraint", "UNIQUE constraint failed")
 RETRY_SECONDS = 60.0  # how long a transient SQL-store error is retried before it is an error
+OUTAGE_ENV = "FOOD101_STORE_OUTAGE_SECONDS"
+OUTAGE_SECONDS = 180.0  # default: a restart of `make server` (~10 s) with a wide margin
+# How a request that never reached a working server looks once MLflow's own retries are spent
+# (rest_utils wraps urllib3's errors in the message): refused or reset connections and the
+# 502/503/504 answers of a proxy in front of a server that is down. Retrying those cannot
+# apply a change twice. A timeout or a connection dropped mid-request is not retried: the
+# server may have applied it.
+UNREACHABLE = ("Connection refused", "NewConnectionError", "too many 502 error responses",
+               "too many 503 error responses", "too many 504 error responses")
+_answered: set[str] = set()  # server URIs that have answered in this process
 
 
 # -- where the store is ------------------------------------------------------------------------
@@ -158,6 +170,7 @@ def client() -> MlflowClient:
 def check_store() -> str:
     """Fail early, before any work, when the store cannot be reached; returns its URI."""
     uri = configure()
+    outage_seconds()  # a wrong FOOD101_STORE_OUTAGE_SECONDS stops here, before any work
     store_call("reach the store", client().search_experiments, max_results=1)
     return uri
 
@@ -170,6 +183,24 @@ def error_code(exc: BaseException) -> str:
     return str(getattr(exc, "error_code", ""))
 
 
+def outage_seconds() -> float:
+    """How long a server that has answered and then stops answering is waited for
+    (``FOOD101_STORE_OUTAGE_SECONDS``, default :data:`OUTAGE_SECONDS`)."""
+    raw = os.environ.get(OUTAGE_ENV, "")
+    try:
+        value = float(raw) if raw else OUTAGE_SECONDS
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise TrackingError(f"{OUTAGE_ENV}={raw!r}: expected a number of seconds (>= 0)")
+    return value
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """The request never reached a working server (see :data:`UNREACHABLE`)."""
+    return any(marker in str(exc) for marker in UNREACHABLE)
+
+
 def store_call(what: str, fn: Callable[..., T], *args: Any, allow: tuple[str, ...] = (),
                **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` against the store, ``what`` naming the operation for people.
@@ -177,16 +208,23 @@ def store_call(what: str, fn: Callable[..., T], *args: Any, allow: tuple[str, ..
     MLflow errors whose code is in ``allow`` are raised as they are, for the caller to read
     (only those: any other failure is a :class:`StoreError`, never mistaken for an absence).
     Transient errors of a SQL store (busy, or a concurrent insert of the same row) are retried
-    with backoff for up to :data:`RETRY_SECONDS`.
+    with backoff for up to :data:`RETRY_SECONDS`. A server that has answered in this process
+    and is now unreachable is retried for up to :func:`outage_seconds` (a server never
+    reached fails at once: a wrong URI is not an outage).
     """
-    deadline = time.monotonic() + RETRY_SECONDS
+    uri = tracking_uri()
+    start = time.monotonic()
+    deadline = start + RETRY_SECONDS
     delay = 0.25
     while True:
         try:
-            return fn(*args, **kwargs)
-        except MlflowException as exc:
+            result = fn(*args, **kwargs)
+            _answered.add(uri)
+            return result
+        except (MlflowException, OSError) as exc:  # OSError: the network, the disk
             code = error_code(exc)
-            if code in allow:
+            if code and code in allow:
+                _answered.add(uri)
                 raise
             conflict = code == "BAD_REQUEST" and any(c in str(exc) for c in CONFLICTS)
             if (code in TRANSIENT or conflict) and time.monotonic() + delay < deadline:
@@ -195,15 +233,24 @@ def store_call(what: str, fn: Callable[..., T], *args: Any, allow: tuple[str, ..
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            raise _store_error(what, exc) from exc
-        except OSError as exc:  # the network, the disk
-            raise _store_error(what, exc) from exc
+            if uri not in _answered or not is_unreachable(exc):
+                raise _store_error(what, exc) from exc
+            waited, window = time.monotonic() - start, outage_seconds()
+            if waited >= window:
+                raise _store_error(what, exc, waited) from exc
+            log.warning("MLflow store %s unreachable during %s: waiting for it (%.0f of "
+                        "%.0f s; %s sets the limit)", display_uri(uri), what, waited, window,
+                        OUTAGE_ENV)
+            time.sleep(min(5.0, window - waited))
 
 
-def _store_error(what: str, exc: BaseException) -> StoreError:
+def _store_error(what: str, exc: BaseException, waited: float | None = None) -> StoreError:
     detail = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [""])[0][:300]
     code = error_code(exc) or type(exc).__name__
+    outage = ("" if waited is None else
+              f" It did not answer for {waited:.0f} s ({OUTAGE_ENV} sets how long to wait).")
     return StoreError(
-        f"MLflow store {display_uri()}: {what} failed ({code}: {detail}). Check that the "
-        "store is reachable (MLFLOW_TRACKING_URI) and retry; nothing after this step was done."
+        f"MLflow store {display_uri()}: {what} failed ({code}: {detail}).{outage} Check that "
+        "the store is reachable (MLFLOW_TRACKING_URI) and retry; nothing after this step was "
+        "done."
     )

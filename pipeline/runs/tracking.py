@@ -13,13 +13,17 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
 import psutil
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from pipeline.handoffs import CsvHandoff
@@ -184,10 +188,73 @@ def log_metrics(metrics: dict, step: int | None = None, run_id: str | None = Non
                step=step, run_id=run_id)
 
 
-def log_metric(key: str, value: float, step: int | None = None, run_id: str | None = None
-               ) -> None:
-    store_call(f"log metric {key}", mlflow.log_metric, key, float(value), step=step,
-               run_id=run_id)
+class MetricSender:
+    """Metrics of a training loop, sent to run ``run_id`` by one background thread.
+
+    The loop never waits on the store: :meth:`log` queues and returns. The thread sends what
+    is queued in batches through :func:`store_call`, so a restart of the tracking server is
+    waited for (up to its outage window) while training goes on; a failure is raised in the
+    loop at its next :meth:`log`, or at :meth:`close`, which sends what is left.
+    """
+
+    BATCH = 1000  # MLflow's limit of metrics per log_batch request
+
+    def __init__(self, run_id: str):
+        self._run_id, self._client = run_id, client()
+        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._send, name="mlflow-metrics",
+                                        daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._raise()
+        now = int(time.time() * 1000)
+        self._queue.put([Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def close(self) -> None:
+        """Send what is queued (waiting out an outage, bounded) and stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _send(self) -> None:
+        done = False
+        while not done:
+            pending = self._queue.get()
+            done = pending is None
+            pending = pending or []
+            while not done:  # what else is queued goes in the same requests
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                done = more is None
+                pending.extend(more or [])
+            for i in range(0, len(pending) if self._error is None else 0, self.BATCH):
+                try:
+                    store_call("log metrics", self._client.log_batch, self._run_id,
+                               metrics=pending[i:i + self.BATCH])
+                except BaseException as exc:  # noqa: BLE001 (raised in the loop's thread)
+                    self._error = exc
+                    break
+
+
+@contextlib.contextmanager
+def metric_sender(run_id: str) -> Iterator[MetricSender]:
+    """A :class:`MetricSender` for the body; what it queued is sent when the body ends."""
+    sender = MetricSender(run_id)
+    try:
+        yield sender
+    except BaseException:
+        with contextlib.suppress(Exception):  # the body's error is the one to report
+            sender.close()
+        raise
+    sender.close()
 
 
 def set_tags(tags: dict) -> None:

@@ -125,3 +125,82 @@ def test_an_unreachable_server_is_an_error_that_names_it(monkeypatch):
     with pytest.raises(StoreError) as err:
         store.check_store()
     assert uri in str(err.value) and "reach the store" in str(err.value)
+
+
+REFUSED = ("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-batch failed with "
+           "exception HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded "
+           "(Caused by NewConnectionError('Failed to establish a new connection: [Errno 111] "
+           "Connection refused'))")
+
+
+class _Clock:
+    """time.monotonic and time.sleep for store_call: sleeping moves the clock."""
+
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        monkeypatch.setattr(store.time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(store.time, "sleep", self.sleep)
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def _down_for(calls: int, message: str = REFUSED):
+    """An operation that answers, then fails ``calls`` times with ``message``, then answers."""
+    seen = []
+
+    def op():
+        seen.append(1)
+        if 1 < len(seen) <= 1 + calls:
+            raise MlflowException(message)
+        return len(seen)
+
+    return op, seen
+
+
+def test_a_server_that_answered_is_waited_for_through_an_outage(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setattr(store, "_answered", set())
+    clock = _Clock(monkeypatch)
+    op, seen = _down_for(calls=12)  # 12 refusals, 5 s apart: a one-minute restart
+    assert store.store_call("log metrics", op) == 1  # it answered: a known server
+    assert store.store_call("log metrics", op) == 14 and len(seen) == 14
+    assert 55 <= clock.now < store.OUTAGE_SECONDS
+
+
+def test_an_outage_past_the_window_names_the_store_and_the_setting(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv(store.OUTAGE_ENV, "20")
+    monkeypatch.setattr(store, "_answered", set())
+    clock = _Clock(monkeypatch)
+    op, _ = _down_for(calls=1000)
+    store.store_call("log metrics", op)
+    with pytest.raises(StoreError) as err:
+        store.store_call("log metrics", op)
+    assert 20 <= clock.now < 30
+    msg = str(err.value)
+    assert "http://127.0.0.1:5000: log metrics failed" in msg
+    assert "did not answer for 20 s" in msg and store.OUTAGE_ENV in msg
+
+
+def test_no_waiting_for_a_server_never_reached_or_a_request_that_may_have_applied(
+        monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setattr(store, "_answered", set())
+    _Clock(monkeypatch)
+    refused = fail("INTERNAL_ERROR", REFUSED)
+    with pytest.raises(StoreError):  # never answered: a wrong URI, not an outage
+        store.store_call("reach the store", refused)
+    op, seen = _down_for(calls=5, message="API request to http://127.0.0.1:5000 failed with "
+                                          "timeout exception Read timed out.")
+    store.store_call("create a version", op)
+    with pytest.raises(StoreError, match="timeout"):  # the server may have applied it
+        store.store_call("create a version", op)
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "nan"])
+def test_a_wrong_outage_window_is_refused_before_any_work(mlflow_store, monkeypatch, value):
+    monkeypatch.setenv(store.OUTAGE_ENV, value)
+    with pytest.raises(store.TrackingError, match=f"{store.OUTAGE_ENV}=.*number of seconds"):
+        store.check_store()

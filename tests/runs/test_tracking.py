@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
+import helpers
 import mlflow
 import pandas as pd
 import pytest
@@ -179,3 +181,42 @@ def test_missing_weights_stop_train_before_a_run_is_opened(tiny_data, tmp_path, 
         train_and_log(TrainRun.from_params(p, data, None,
                                            spec=RunSpec("weights", "n", {}, {})))
     assert mlflow.get_experiment_by_name("weights") is None  # no run, not even an experiment
+
+
+def test_training_metrics_are_sent_in_the_background_in_order(mlflow_store, monkeypatch):
+    """The loop's log() returns while the store is held up; everything arrives, in order."""
+    exp = tracking.ensure_experiment("sender")
+    run_id = store.client().create_run(exp).info.run_id
+    release = threading.Event()
+    real = mlflow.MlflowClient.log_batch
+
+    def held_up(self, *args, **kwargs):
+        assert release.wait(60), "the store was never released"
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", held_up)
+    with tracking.metric_sender(run_id) as sender:
+        for step in range(30):
+            sender.log({"train_step_loss": 1.0 / (step + 1)}, step)
+        sender.log({"val_accuracy": 0.5, "lr": 0.1}, 0)
+        assert not release.is_set()  # 31 log calls returned while the store did not answer
+        release.set()
+    history = store.client().get_metric_history(run_id, "train_step_loss")
+    assert [m.step for m in history] == list(range(30))
+    assert [m.value for m in history] == [1.0 / (s + 1) for s in range(30)]
+    assert store.client().get_run(run_id).data.metrics["val_accuracy"] == 0.5
+
+
+def test_a_store_failure_in_the_background_stops_the_loop(mlflow_store, monkeypatch):
+    exp = tracking.ensure_experiment("sender")
+    run_id = store.client().create_run(exp).info.run_id
+
+    def broken(self, *args, **kwargs):
+        raise StoreError("MLflow store x: log metrics failed")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", broken)
+    with pytest.raises(StoreError, match="log metrics failed"):
+        with tracking.metric_sender(run_id) as sender:
+            sender.log({"train_step_loss": 1.0}, 0)
+            helpers.poll(lambda: sender._error is not None, 30, "the sender's failure")
+            sender.log({"train_step_loss": 0.5}, 1)  # raised here, in the loop
