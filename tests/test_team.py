@@ -216,6 +216,96 @@ def test_an_expired_lock_is_broken_once_and_a_live_one_waits(server, monkeypatch
     assert c.get_registered_model(lock).tags["token"] == "alive"  # not broken
 
 
+class _Records(logging.Handler):
+    """The messages a worker process logs, for the test to read."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _slow_gate_worker(uri: str, folder: str, version: str, accuracy: float, ttl: float,
+                      started, release, results) -> None:
+    """One gate in its own working folder with a lock expiry of ``ttl`` seconds. With
+    ``release`` its re-score of the champion is slow: it waits for ``release`` and then lasts
+    past the expiry (the test's hook, injected here)."""
+    os.chdir(folder)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    records = _Records()
+    logging.getLogger("pipeline").addHandler(records)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    try:
+        from pipeline.runs import lock, registry
+
+        lock.LOCK_TTL_SECONDS = ttl
+
+        def rescore(model_uri: str) -> float:
+            started.set()
+            if release is not None:
+                assert release.wait(120), "never released"
+                time.sleep(ttl * 1.5)  # a re-score longer than the lock's expiry
+            return 0.5
+
+        decision = registry.gate("slow", version, accuracy, "b" * 64, 0.0, rescore)
+        results.put({"version": version, "decision": decision.as_dict(),
+                     "log": records.lines})
+    except BaseException:
+        results.put({"version": version, "error": traceback.format_exc(),
+                     "log": records.lines})
+
+
+def test_a_slow_re_score_never_decides_under_a_lost_lock(server, tmp_path, monkeypatch):
+    """Two gates against one server, the lock's expiry 4 s. A re-scores the champion (tested
+    on another manifest) for longer than that; B gates meanwhile and promotes a better model.
+    No live lock is broken, and A, which scored v1, decides against B's v3, not v1."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
+    mlflow.set_tracking_uri(server["uri"])
+    from pipeline.runs import registry
+
+    model_uri = log_echo_model("slow")
+    versions = {}
+    for acc, manifest in ((0.5, "a"), (0.6, "b"), (0.7, "b")):
+        versions[acc] = registry.register(model_uri, "slow", {
+            "test_accuracy": f"{acc:.6f}", "test_manifest_sha256": manifest * 64})
+    registry.gate("slow", versions[0.5], 0.5, "a" * 64, 0.0, _never)  # v1: champion on "a"
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    a_started, b_started, release = ctx.Event(), ctx.Event(), ctx.Event()
+    procs = {}
+    for name, acc, started, gate_release in (("a", 0.6, a_started, release),
+                                             ("b", 0.7, b_started, None)):
+        folder = tmp_path / name
+        folder.mkdir()
+        procs[name] = ctx.Process(target=_slow_gate_worker, args=(
+            server["uri"], str(folder), versions[acc], acc, 4.0, started, gate_release,
+            results))
+    got = {}
+    try:
+        procs["a"].start()
+        assert a_started.wait(120), "gate A never started re-scoring"
+        procs["b"].start()  # while A re-scores v1
+        got["b"] = results.get(timeout=180)
+        release.set()
+        got["a"] = results.get(timeout=180)
+    finally:
+        release.set()
+        for p in procs.values():
+            p.join(60)
+    assert not [g for g in got.values() if "error" in g], got
+    lines = got["a"]["log"] + got["b"]["log"]
+    assert not [line for line in lines if "breaking the promotion lock" in line], lines
+    assert got["b"]["decision"]["promoted"] and got["b"]["version"] == versions[0.7]
+    a = got["a"]["decision"]
+    assert not a["promoted"] and a["champion_version"] == versions[0.7], a
+    c = mlflow.MlflowClient(server["uri"], server["uri"])
+    aliases = {k: str(v) for k, v in c.get_registered_model("slow").aliases.items()}
+    assert aliases["champion"] == versions[0.7]
+    assert aliases["previous-champion"] == versions[0.5]
+
+
 def _project(root: Path, name: str, uri: str, lr: float) -> tuple[Path, dict]:
     repo = root / name
     env = make_project(repo, {"train": {"lr": lr}})

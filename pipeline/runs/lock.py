@@ -5,6 +5,10 @@ file does it (and is all a local SQLite store needs). A store on a server is sha
 machines that share no file: there the holder also creates the registered model
 ``<name>.promotion-lock`` — a create is atomic on the server, so exactly one pipeline holds
 it — and deletes it when done; a holder that died is broken after its expiry.
+
+Nothing slow runs under the lock (the gate re-scores a champion before it takes it), and
+every write under it first checks that the lock is still this holder's, with a margin before
+its expiry (:meth:`Held.check`): a gate never writes under a lock it may have lost.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 LOCK_SUFFIX = ".promotion-lock"
 LOCK_TTL_SECONDS = 600.0  # a holder that has not released by then is taken for dead
 LOCK_WAIT_SECONDS = 1200.0  # how long a gate waits for the lock before it gives up
+LOCK_MARGIN = 0.25  # a write needs this fraction of the expiry still ahead of it
 
 
 class LockError(PipelineError):
@@ -53,27 +58,50 @@ def lock_path() -> Path:
     return (db.parent if db else project_root() / ".cache") / "registry.lock"
 
 
+class Held:
+    """The promotion lock as its holder has it: :meth:`check` before each write under it."""
+
+    def __init__(self, lock: str = "", token: str = "", expires: float = float("inf")):
+        self.lock, self.token, self.expires = lock, token, expires
+
+    def check(self) -> None:
+        """Raise :class:`LockError` unless the lock is still ours with a margin before its
+        expiry (a local file lock cannot be lost: always fine)."""
+        if not self.token:
+            return
+        left = self.expires - time.time()
+        tags = _lock_tags(client(), self.lock)
+        ours = tags is not None and tags.get("token") == self.token
+        if not ours or left < LOCK_MARGIN * LOCK_TTL_SECONDS:
+            why = f"it expires in {left:.0f} s" if ours else "it was broken or released"
+            raise LockError(
+                f"the promotion lock {self.lock!r} on {display_uri()} is no longer safely "
+                f"held ({why}); nothing more was written under it. Re-run the stage "
+                "(`dvc repro`) to decide again."
+            )
+
+
 @contextlib.contextmanager
-def promotion_lock(name: str) -> Iterator[None]:
+def promotion_lock(name: str) -> Iterator[Held]:
     """Serialise read-decide-write of ``name``'s aliases between every pipeline that shares
     the store: a file lock on this machine, and :func:`server_lock` for a store on a
-    server."""
+    server. Yields the :class:`Held` lock: check it before each write."""
     lock = lock_path()
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             if is_local_store():
-                yield
+                yield Held()
             else:
-                with server_lock(name):
-                    yield
+                with server_lock(name) as held:
+                    yield held
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
-def server_lock(name: str) -> Iterator[None]:
+def server_lock(name: str) -> Iterator[Held]:
     """The promotion lock on the server: the registered model ``<name>.promotion-lock``,
     created with the holder's token, host and expiry as tags (one atomic request), deleted
     on release. A lock past its expiry is broken by exactly one waiter (see
@@ -84,8 +112,9 @@ def server_lock(name: str) -> Iterator[None]:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     delay = 0.2
     while True:
+        expires = time.time() + LOCK_TTL_SECONDS
         tags = {"token": token, "holder": f"{socket.gethostname()}:{os.getpid()}",
-                "expires_at": f"{time.time() + LOCK_TTL_SECONDS:.3f}"}
+                "expires_at": f"{expires:.3f}"}
         try:
             store_call(f"take the promotion lock {lock!r}", c.create_registered_model, lock,
                        tags=tags, description="Held while a pipeline decides the champion "
@@ -102,7 +131,7 @@ def server_lock(name: str) -> Iterator[None]:
             time.sleep(delay + random.uniform(0, delay))  # backoff with jitter
             delay = min(delay * 1.5, 2.0)
     try:
-        yield
+        yield Held(lock, token, expires)
     finally:
         current = _lock_tags(c, lock)
         if current is not None and current.get("token") == token:

@@ -23,7 +23,7 @@ from pipeline import signals
 from pipeline.errors import PipelineError
 from pipeline.handoffs import ChampionRef, Promotion
 from pipeline.runs import notes
-from pipeline.runs.lock import promotion_lock
+from pipeline.runs.lock import Held, promotion_lock
 from pipeline.runs.notes import CHALLENGER, CHAMPION, PREVIOUS
 from pipeline.runs.store import EXISTS, MISSING, client, display_uri, store_call
 
@@ -219,18 +219,28 @@ def decide(version: str, accuracy: float, champion: str | None,
                            "test manifest")
 
 
+GATE_ROUNDS = 3  # champions re-scored in a row (each replaced meanwhile) before giving up
+
+
+def _recorded_accuracy(champ: ModelVersion, manifest_sha256: str) -> float | None:
+    """The champion's test accuracy on ``manifest_sha256`` if it is recorded on it."""
+    if champ.tags.get("test_manifest_sha256") == manifest_sha256:
+        return float(champ.tags["test_accuracy"])
+    key = f"test_accuracy.{manifest_sha256[:12]}"
+    return float(champ.tags[key]) if key in champ.tags else None
+
+
 def _champion_accuracy(c: MlflowClient, name: str, champ: ModelVersion, manifest_sha256: str,
                        evaluate: Callable[[str], float]) -> float:
     """The champion's test accuracy on ``manifest_sha256``: recorded, or measured now by
     ``evaluate(its pinned uri)`` and recorded on it (MLflow tag keys allow no "@")."""
-    key = f"test_accuracy.{manifest_sha256[:12]}"
-    if champ.tags.get("test_manifest_sha256") == manifest_sha256:
-        return float(champ.tags["test_accuracy"])
-    if key in champ.tags:
-        return float(champ.tags[key])
+    acc = _recorded_accuracy(champ, manifest_sha256)
+    if acc is not None:
+        return acc
     log.info("champion v%s was tested on another manifest: re-evaluating it", champ.version)
     acc = float(evaluate(_ref(name, CHAMPION, champ).uri))
-    _tag_version(c, name, str(champ.version), {key: f"{acc:.6f}"})
+    _tag_version(c, name, str(champ.version),
+                 {f"test_accuracy.{manifest_sha256[:12]}": f"{acc:.6f}"})
     return acc
 
 
@@ -240,31 +250,59 @@ def gate(name: str, version: str, accuracy: float, manifest_sha256: str, min_del
     the version, move the aliases; returns the decision.
 
     When the champion was measured on another manifest, ``evaluate(model_uri)`` re-measures
-    it on this one (in a fresh process, with the code that model carries). The whole
-    read-decide-write runs under the promotion lock; the decision is recorded on the version
-    before any alias moves, and a stop (SIGTERM, Ctrl-C) waits for both.
+    it on this one (in a fresh process, with the code that model carries) *before* the
+    promotion lock is taken: under the lock the champion is read again and the decision is
+    made only if it is the one scored (else the new one is scored, up to
+    :data:`GATE_ROUNDS` times). The read-decide-write runs under the lock and checks it
+    before each write; the decision is recorded on the version before any alias moves, and a
+    stop (SIGTERM, Ctrl-C) waits for both.
     """
     c = client()
-    with promotion_lock(name):
+    scored: dict[str, float] = {}  # champion version -> its accuracy on this manifest
+    for _ in range(GATE_ROUNDS):
         champ = alias_version(name, CHAMPION, c)
-        champ_acc = None
         if champ is not None and str(champ.version) != str(version):
-            champ_acc = _champion_accuracy(c, name, champ, manifest_sha256, evaluate)
-        promoted, reason = decide(str(version), accuracy,
-                                  str(champ.version) if champ else None, champ_acc, min_delta)
-        decision = Promotion(
-            model_name=name, version=str(version), test_accuracy=accuracy,
-            test_manifest_sha256=manifest_sha256, min_delta=min_delta,
-            champion_version=str(champ.version) if champ else None,
-            champion_test_accuracy=champ_acc, decided_at=_now(), promoted=promoted,
-            reason=reason, run_id=run_id,
-        )
-        with signals.deferred():  # the record and the alias move, both or (SIGKILL) record
-            _tag_version(c, name, str(version), {
-                "promotion": "promoted" if promoted else "rejected",
-                "promotion_reason": reason, "promotion_decided_at": decision.decided_at})
-            if promoted:
-                _set_champion(c, name, str(version), champ)
+            scored[str(champ.version)] = _champion_accuracy(c, name, champ, manifest_sha256,
+                                                            evaluate)
+        with promotion_lock(name) as held:
+            champ = alias_version(name, CHAMPION, c)
+            champ_acc = None
+            if champ is not None and str(champ.version) != str(version):
+                champ_acc = scored.get(str(champ.version),
+                                       _recorded_accuracy(champ, manifest_sha256))
+                if champ_acc is None:  # a new champion since it was scored: score that one
+                    log.info("champion is now v%s: scoring it before deciding", champ.version)
+                    continue
+            return _record_decision(c, held, name, str(version), accuracy, manifest_sha256,
+                                    min_delta, champ, champ_acc, run_id)
+    raise RegistryError(
+        f"the champion of {name!r} changed {GATE_ROUNDS} times while this gate scored it; "
+        f"v{version} is registered but undecided. Re-run the stage (`dvc repro`) to decide it."
+    )
+
+
+def _record_decision(c: MlflowClient, held: Held, name: str, version: str, accuracy: float,
+                     manifest_sha256: str, min_delta: float, champ: ModelVersion | None,
+                     champ_acc: float | None, run_id: str) -> Promotion:
+    """Under the lock: decide, record the decision on the version, move the aliases."""
+    promoted, reason = decide(version, accuracy, str(champ.version) if champ else None,
+                              champ_acc, min_delta)
+    decision = Promotion(
+        model_name=name, version=version, test_accuracy=accuracy,
+        test_manifest_sha256=manifest_sha256, min_delta=min_delta,
+        champion_version=str(champ.version) if champ else None,
+        champion_test_accuracy=champ_acc, decided_at=_now(), promoted=promoted,
+        reason=reason, run_id=run_id,
+    )
+    # The lock is checked once before the writes: they take well under a second, and
+    # LOCK_MARGIN keeps a quarter of the expiry ahead of them.
+    held.check()
+    with signals.deferred():  # the record and the alias move, both or (SIGKILL) record
+        _tag_version(c, name, version, {
+            "promotion": "promoted" if promoted else "rejected",
+            "promotion_reason": reason, "promotion_decided_at": decision.decided_at})
+        if promoted:
+            _set_champion(c, name, version, champ)
     log.info("%s v%s: %s (%s)", name, version, "PROMOTED" if promoted else "not promoted", reason)
     return decision
 
@@ -273,13 +311,14 @@ def promote(name: str, version: str | int) -> dict:
     """Make ``version`` the champion by hand; the old one becomes previous-champion."""
     c = client()
     mv = get_version(name, version, c)
-    with promotion_lock(name):
+    with promotion_lock(name) as held:
         old = alias_version(name, CHAMPION, c)
         if old is not None and str(old.version) == str(mv.version):
             prev = alias_version(name, PREVIOUS, c)
             return {"model_name": name, "champion": str(mv.version),
                     "previous_champion": str(prev.version) if prev else None,
                     "decided_at": _now(), "unchanged": True}
+        held.check()
         with signals.deferred():
             _tag_version(c, name, str(mv.version), {"promotion": "promoted by hand",
                                                     "promotion_decided_at": _now()})
@@ -291,7 +330,7 @@ def promote(name: str, version: str | int) -> dict:
 def rollback(name: str) -> dict:
     """Give ``champion`` back to ``previous-champion``; the two swap places."""
     c = client()
-    with promotion_lock(name):
+    with promotion_lock(name) as held:
         prev = alias_version(name, PREVIOUS, c)
         if prev is None:
             raise RegistryError(
@@ -300,6 +339,7 @@ def rollback(name: str) -> dict:
             )
         cur = alias_version(name, CHAMPION, c)
         swap = cur is not None and str(cur.version) != str(prev.version)
+        held.check()
         with signals.deferred():
             if swap:
                 _tag_version(c, name, str(cur.version), {"promotion": "rolled back",

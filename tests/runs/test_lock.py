@@ -47,3 +47,21 @@ def test_an_expired_lock_is_broken_once_and_a_live_one_is_not(mlflow_store, monk
         with lock.server_lock("stale"):
             pass
     assert c.get_registered_model(name).tags["token"] == "alive"  # not broken
+
+
+def test_a_write_needs_the_lock_still_ours_with_time_to_spare(monkeypatch):
+    monkeypatch.setattr(lock, "client", lambda: None)
+    held = lock.Held("m" + lock.LOCK_SUFFIX, "mine", time.time() + lock.LOCK_TTL_SECONDS)
+    monkeypatch.setattr(lock, "_lock_tags", lambda c, name: {"token": "mine"})
+    held.check()
+    monkeypatch.setattr(lock, "_lock_tags", lambda c, name: {"token": "another gate's"})
+    with pytest.raises(LockError, match="no longer safely held .it was broken or released"):
+        held.check()
+    monkeypatch.setattr(lock, "_lock_tags", lambda c, name: None)
+    with pytest.raises(LockError, match="broken or released"):
+        held.check()
+    monkeypatch.setattr(lock, "_lock_tags", lambda c, name: {"token": "mine"})
+    held.expires = time.time() + lock.LOCK_MARGIN * lock.LOCK_TTL_SECONDS / 2
+    with pytest.raises(LockError, match="expires in"):
+        held.check()
+    lock.Held().check()  # a file lock on this machine cannot be lost

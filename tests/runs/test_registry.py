@@ -7,6 +7,7 @@ model), so these tests are about the registry logic against a real SQLite MLflow
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import multiprocessing as mp
 import os
@@ -21,6 +22,7 @@ from helpers import log_echo_model
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 
+from pipeline.runs import lock as lock_module
 from pipeline.runs import registry, store
 from pipeline.runs.registry import ModelRef, RegistryError
 from pipeline.runs.store import StoreError
@@ -568,3 +570,43 @@ def test_the_rule_alone():
     assert not registry.decide("3", 0.61, "2", 0.6, 0.01)[0]  # not by more than min_delta
     assert not registry.decide("3", 0.6, "2", 0.6, 0.0)[0]  # a tie: the lower version
     assert registry.decide("2", 0.6, "3", 0.6, 0.0)[0]
+
+
+class _Lost(lock_module.Held):
+    def check(self):
+        raise lock_module.LockError("the promotion lock is no longer safely held")
+
+
+def test_nothing_is_written_under_a_lost_lock(model_uri, monkeypatch):
+    v1 = new_version(model_uri, 0.5)
+    gate(v1, 0.5)
+    v2 = new_version(model_uri, 0.9)
+
+    @contextlib.contextmanager
+    def lost(name):
+        yield _Lost()
+
+    monkeypatch.setattr(registry, "promotion_lock", lost)
+    with pytest.raises(lock_module.LockError):
+        gate(v2, 0.9)
+    assert "promotion" not in tags(v2) and aliases()["champion"] == v1
+
+
+def test_a_champion_replaced_while_it_was_scored_is_scored_before_deciding(model_uri,
+                                                                          monkeypatch):
+    """The re-score runs outside the lock; under it the champion is read again. Another gate
+    promoted v2 meanwhile: v3 is decided against v2 (recorded on this manifest), not v1."""
+    v1 = new_version(model_uri, 0.5, manifest=OTHER_MANIFEST)
+    gate(v1, 0.5, manifest=OTHER_MANIFEST)
+    v2, v3 = new_version(model_uri, 0.8), new_version(model_uri, 0.7)
+    scored = []
+
+    def rescore(uri):  # while v1 is scored, another gate promotes v2
+        scored.append(uri)
+        assert gate(v2, 0.8, evaluate=lambda u: 0.5)["promoted"]
+        return 0.5
+
+    decision = gate(v3, 0.7, evaluate=rescore)
+    assert scored == [f"models:/{NAME}/{v1}"]
+    assert not decision["promoted"] and decision["champion_version"] == v2
+    assert aliases()["champion"] == v2
