@@ -210,6 +210,8 @@ class RunRef(JsonHandoff):
     run_id: str
     run_name: str
     model_uri: str
+    # the store the run lives in, without credentials ("" in files written before it was)
+    tracking_uri: str = ""
 
 
 @typed

@@ -357,6 +357,25 @@ def test_two_clones_at_once_then_a_fresh_clone_from_the_dvc_remote(server, tmp_p
     assert "Stage 'train' is cached - skipping run" in text, text[-3000:]
     assert "train" not in ran_stages(text)
 
+    # a clone with a store of its own (no MLFLOW_TRACKING_URI): the pulled results name a run
+    # that store does not have. No dead end: the message names the server and two ways out.
+    own = tmp_path / "own-store"
+    env_own = {k: v for k, v in env_a.items() if k != "MLFLOW_TRACKING_URI"}
+    sh(tmp_path, "git", "clone", "-q", str(a), str(own), env=env_own)
+    sh(own, PY, "-m", "pipeline.team", "remote", str(remote), env=env_own)
+    sh(own, "dvc", "pull", "--run-cache", env=env_own)
+    out = sh(own, "dvc", "repro", env=env_own, check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text[-3000:]
+    assert f"made with {uri}" in text and "MLFLOW_TRACKING_URI" in text, text[-3000:]
+    assert "`dvc repro -f --downstream train`" in text, text[-3000:]
+    sh(own, "dvc", "repro", env=env_own | {"MLFLOW_TRACKING_URI": uri})  # way 1: that store
+    out = sh(own, "dvc", "repro", "-f", "--downstream", "train", env=env_own)  # way 2: here
+    assert {"train", "evaluate", "champion", "predict"} <= ran_stages(out.stdout + out.stderr)
+    here = mlflow.MlflowClient(f"sqlite:///{own / 'mlruns' / 'mlflow.db'}")
+    assert str(here.get_registered_model(NAME).aliases["champion"]) == "1"
+    sh(own, "dvc", "repro", env=env_own)  # and from now on, plain `dvc repro`
+
 
 @pytest.fixture()
 def auth_server():

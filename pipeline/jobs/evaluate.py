@@ -124,7 +124,7 @@ def evaluate_and_log(
     df = data.test.frame
     classes = list(data.classes)
     y_true = df["class_index"].to_numpy()
-    with tracking.resume_run(run.run_id) as run_id:
+    with tracking.resume_run(run) as run_id:
         with tempfile.TemporaryDirectory() as tmp:
             net, card = load_network(tracking.download_model(run.model_uri, Path(tmp)))
         if list(card.classes) != classes:

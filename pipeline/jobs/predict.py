@@ -45,7 +45,7 @@ def predict_and_log(
     }
     tags = {"predict_model_uri": who.uri, "predict_model_version": who.version,
             "predict_model_run_id": who.run_id}
-    with tracking.resume_run(run.run_id):
+    with tracking.resume_run(run):
         tracking.set_tags(tags)
         if who.run_id == run.run_id:
             tracking.log_metrics({"predict_accuracy": metrics["accuracy"]})

@@ -103,8 +103,8 @@ def train_and_log(run: TrainRun) -> TrainOutputs | None:
             history = pd.DataFrame(result.history)[["epoch", *SCORES]]
             curves = learning_curves(history)
             model_uri = _log_result(run, result, curves, run_id)
-    return TrainOutputs(RunRef(run_id, run.spec.name, model_uri), result.final, history,
-                        curves)
+    return TrainOutputs(RunRef(run_id, run.spec.name, model_uri, store.display_uri()),
+                        result.final, history, curves)
 
 
 def _log_result(run: TrainRun, result: TrainResult, curves: Figure, run_id: str) -> str:

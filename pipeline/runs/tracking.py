@@ -26,7 +26,7 @@ import psutil
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from pipeline.handoffs import CsvHandoff
+from pipeline.handoffs import CsvHandoff, RunRef
 from pipeline.runs import notes
 from pipeline.runs.spec import RunSpec, read_baseline
 from pipeline.runs.store import (
@@ -149,20 +149,41 @@ def start_run(spec: RunSpec) -> Iterator[str]:
         yield run_id
 
 
-@contextlib.contextmanager
-def resume_run(run_id: str) -> Iterator[str]:
-    """Re-open the run that ``train`` started (``evaluate`` and ``predict`` add to it)."""
+RETRAIN = "dvc repro -f --downstream train"  # trains again here, and what follows it
+
+
+def check_run_here(ref: RunRef) -> mlflow.entities.Run:
+    """The run ``reports/run.json`` names, read from the configured store. When this store
+    does not have it (results pulled with ``dvc pull`` into a clone with a store of its own,
+    a deleted ``mlruns/``), a :class:`TrackingError` names the store the run is in and the
+    two ways out."""
     configure()
     try:
-        run = store_call(f"read run {run_id}", mlflow.get_run, run_id, allow=(MISSING,))
+        return store_call(f"read run {ref.run_id}", mlflow.get_run, ref.run_id,
+                          allow=(MISSING,))
     except MlflowException as exc:
-        raise TrackingError(
-            f"MLflow run {run_id} (from reports/run.json) is not in {display_uri()}: was "
-            "mlruns/ deleted or MLFLOW_TRACKING_URI changed? Re-run `dvc repro -f train`."
-        ) from exc
+        here = display_uri()
+        head = (f"MLflow run {ref.run_id} ({ref.run_name}), which reports/run.json names, is "
+                f"not in the MLflow store {here}")
+        if ref.tracking_uri == here:
+            why = (f"{head}: it was trained in this store and is gone from it (mlruns/ "
+                   f"deleted?). Train again here: `{RETRAIN}`.")
+        else:
+            there = ref.tracking_uri or "another store (reports/run.json predates recording it)"
+            why = (f"{head}: the results in reports/ were made with {there} (pulled with "
+                   "`dvc pull`?). Either point MLFLOW_TRACKING_URI at that store and run "
+                   f"`dvc repro` again, or train here: `{RETRAIN}` (trains, evaluates and "
+                   "registers in this store).")
+        raise TrackingError(why) from exc
+
+
+@contextlib.contextmanager
+def resume_run(ref: RunRef) -> Iterator[str]:
+    """Re-open the run that ``train`` started (``evaluate`` and ``predict`` add to it)."""
+    run = check_run_here(ref)
     reap_killed_runs(run.info.experiment_id)
-    with _owned_run(run_id=run_id):
-        yield run_id
+    with _owned_run(run_id=ref.run_id):
+        yield ref.run_id
 
 
 def active_experiment_id() -> str:

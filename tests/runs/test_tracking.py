@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from helpers import REPO, free_port, tiny_params
 
-from pipeline.handoffs import Manifest
+from pipeline.handoffs import Manifest, RunRef
 from pipeline.model.errors import WeightsError
 from pipeline.runs import notes, spec, store, tracking
 from pipeline.runs.spec import Baseline, RunSpec
@@ -35,7 +35,7 @@ def test_start_resume_and_log(mlflow_store, tmp_path):
         tracking.log_manifest(manifest, "train", "training")
         tracking.log_metrics({"val_accuracy": 0.5}, step=1)
         tracking.log_text("a,b\n", "x/table.csv")
-    with tracking.resume_run(run_id):
+    with tracking.resume_run(RunRef(run_id, "a run", "", store.display_uri())):
         tracking.set_tags({"promotion": "promoted"})
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "a run"
@@ -44,9 +44,24 @@ def test_start_resume_and_log(mlflow_store, tmp_path):
     assert run.data.tags["promotion"] == "promoted"
     assert run.data.tags["data.train_sha256"] == manifest.sha256
     assert run.inputs.dataset_inputs[0].dataset.name == "train"
-    with pytest.raises(tracking.TrackingError, match="Re-run `dvc repro -f train`"):
-        with tracking.resume_run("0" * 32):
+    gone = RunRef("0" * 32, "gone", "", store.display_uri())
+    with pytest.raises(tracking.TrackingError, match="is gone from it .* `dvc repro -f "
+                                                     "--downstream train`"):
+        with tracking.resume_run(gone):
             pass
+
+
+def test_results_made_with_another_store_name_it_and_the_two_ways_out(mlflow_store):
+    ref = RunRef("0" * 32, "pulled", "", "http://team-server:5000")
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.check_run_here(ref)
+    msg = str(err.value)
+    assert f"not in the MLflow store {store.display_uri()}" in msg
+    assert "made with http://team-server:5000" in msg and "MLFLOW_TRACKING_URI" in msg
+    assert "`dvc repro -f --downstream train`" in msg
+    with pytest.raises(tracking.TrackingError, match="another store .reports/run.json "
+                                                     "predates recording it"):
+        tracking.check_run_here(RunRef("0" * 32, "old", ""))  # a run.json from before
 
 
 def test_a_failing_run_is_marked_failed(mlflow_store):
