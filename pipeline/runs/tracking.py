@@ -129,12 +129,16 @@ def _owned_run(**start_kwargs: Any) -> Iterator[str]:
 
 
 def _end(run_id: str, status: str) -> None:
+    """End the run in the store (waiting out an outage), then drop it from MLflow's active
+    runs. Not ``store_call(mlflow.end_run)``: end_run takes the run off its stack before it
+    calls the store, so a retry of it would end nothing."""
     try:
-        store_call(f"end run {run_id} as {status}", mlflow.end_run, status)
+        store_call(f"end run {run_id} as {status}", client().set_terminated, run_id, status)
     except StoreError as exc:  # the original error matters more; the run is reaped later
         log.error("%s", exc)
+    with contextlib.suppress(MlflowException, OSError):  # ended above, or reaped later
         while mlflow.active_run():
-            mlflow.end_run(status)  # drop it from the local stack anyway
+            mlflow.end_run(status)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import mlflow
 import pandas as pd
 import pytest
 from helpers import REPO, free_port, tiny_params
+from mlflow.exceptions import MlflowException
 
 from pipeline.handoffs import Manifest, RunRef
 from pipeline.model.errors import WeightsError
@@ -235,3 +236,22 @@ def test_a_store_failure_in_the_background_stops_the_loop(mlflow_store, monkeypa
             sender.log({"train_step_loss": 1.0}, 0)
             helpers.poll(lambda: sender._error is not None, 30, "the sender's failure")
             sender.log({"train_step_loss": 0.5}, 1)  # raised here, in the loop
+
+
+def test_a_run_is_ended_in_the_store_once_it_answers_again(mlflow_store, monkeypatch):
+    """Ending the run rides out an outage too, and really ends it (mlflow.end_run leaves its
+    stack before it calls the store, so retrying that call would end nothing)."""
+    real, calls = mlflow.MlflowClient.set_terminated, []
+
+    def down_twice(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise MlflowException("API request failed with exception Max retries exceeded "
+                                  "(Caused by NewConnectionError(... Connection refused))")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(store.time, "sleep", lambda s: None)
+    with tracking.start_run(RunSpec("tests", "outage", {}, {})) as run_id:
+        monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", down_twice)
+    assert mlflow.get_run(run_id).info.status == "FINISHED" and len(calls) >= 3
+    assert mlflow.active_run() is None
