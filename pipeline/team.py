@@ -65,7 +65,12 @@ def _pg_bin(name: str) -> str:
 def _as_postgres_user(cmd: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: as root, run it as ``nobody``."""
     if os.geteuid() == 0:
-        return ["runuser", "-u", UNPRIVILEGED, "--", *cmd]
+        # util-linux's runuser is in /usr/sbin, which a minimal PATH (`env -i`, cron) lacks
+        runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+        if runuser is None:
+            raise TeamServerError("running as root needs `runuser` (util-linux) to start "
+                                  "PostgreSQL as another user; or run `make server` as a user")
+        return [runuser, "-u", UNPRIVILEGED, "--", *cmd]
     return cmd
 
 

@@ -480,3 +480,13 @@ def test_training_metrics_ride_out_a_server_restart(server, monkeypatch, caplog)
     finally:
         if not _server_processes(data):
             restart()
+
+
+def test_runuser_is_found_on_a_minimal_path(monkeypatch):
+    """`env -i` or cron leave /usr/sbin off PATH; as root the server still starts."""
+    if os.geteuid() != 0:
+        pytest.skip("only root hands PostgreSQL to another user")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    cmd = team._as_postgres_user([team._pg_bin("postgres"), "--version"])
+    assert Path(cmd[0]).name == "runuser" and Path(cmd[0]).is_file()
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
