@@ -75,9 +75,9 @@ TRANSIENT = ("TEMPORARILY_UNAVAILABLE",)  # what MLflow's SQL store makes of a b
 CONFLICTS = ("duplicate key value violates unique constraint", "UNIQUE constraint failed")
 RETRY_SECONDS = 60.0  # how long a transient SQL-store error is retried before it is an error
 OUTAGE_ENV = "FOOD101_STORE_OUTAGE_SECONDS"
-OUTAGE_SECONDS = 180.0  # default: a restart of `make server` (~10 s) with a wide margin
+OUTAGE_SECONDS = 180.0  # default: a restart of `make server` (20-40 s here), with margin
 # How a request that never reached a working server looks once MLflow's own retries are spent
-# (rest_utils wraps urllib3's errors in the message): refused or reset connections and the
+# (rest_utils wraps urllib3's errors in the message): refused connections and the
 # 502/503/504 answers of a proxy in front of a server that is down. Retrying those cannot
 # apply a change twice. A timeout or a connection dropped mid-request is not retried: the
 # server may have applied it.
