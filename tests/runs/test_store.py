@@ -187,10 +187,11 @@ def test_no_waiting_for_a_server_never_reached_or_a_request_that_may_have_applie
         monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     monkeypatch.setattr(store, "_answered", set())
-    _Clock(monkeypatch)
+    clock = _Clock(monkeypatch)
     refused = fail("INTERNAL_ERROR", REFUSED)
     with pytest.raises(StoreError):  # never answered: a wrong URI, not an outage
         store.store_call("reach the store", refused)
+    assert clock.now == 0  # failed at once, no waiting
     op, seen = _down_for(calls=5, message="API request to http://127.0.0.1:5000 failed with "
                                           "timeout exception Read timed out.")
     store.store_call("create a version", op)
