@@ -14,7 +14,9 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
-from helpers import TINY_DEMO, fresh_store, make_tiny_data
+from helpers import TINY_DEMO, URI_VARS, fresh_store, make_tiny_data, use_store
+from mlflow.tracking._model_registry import utils as registry_uri_state
+from mlflow.tracking._tracking_service import utils as tracking_uri_state
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "true")
@@ -60,17 +62,26 @@ def migrated_db(tmp_path_factory) -> Path:
     return path
 
 
-def _use_store(monkeypatch, uri: str) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+@pytest.fixture(autouse=True)
+def _mlflow_uris_put_back():
+    """What the code under test sets with ``mlflow.set_tracking_uri``/``set_registry_uri``
+    (``store.configure`` does, as the stages need) is put back after each test."""
+    env = {var: os.environ.get(var) for var in URI_VARS}
+    state = tracking_uri_state._tracking_uri, registry_uri_state._registry_uri
+    yield
+    tracking_uri_state._tracking_uri, registry_uri_state._registry_uri = state
+    for var, value in env.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
 
 
 @pytest.fixture()
 def mlflow_store(tmp_path, monkeypatch, migrated_db) -> str:
     """A fresh SQLite MLflow store (tracking + registry) for one test."""
     uri = fresh_store(tmp_path, migrated_db)
-    _use_store(monkeypatch, uri)
+    use_store(monkeypatch, uri)
     yield uri
     _end_runs()
 
@@ -144,7 +155,7 @@ def champion(tiny_demo, tmp_path_factory, migrated_db) -> SimpleNamespace:
     uri = fresh_store(tmp, migrated_db)
     cache = tmp / "features"
     with pytest.MonkeyPatch.context() as mp:
-        _use_store(mp, uri)
+        use_store(mp, uri)
         data = make_tiny_data(tiny_demo, tmp)
         p = data.params
         trained = train_and_log(TrainRun.from_params(
@@ -159,6 +170,6 @@ def champion(tiny_demo, tmp_path_factory, migrated_db) -> SimpleNamespace:
 @pytest.fixture()
 def champion_store(champion, monkeypatch) -> SimpleNamespace:
     """MLflow pointed at the session's ``champion`` store for one test."""
-    _use_store(monkeypatch, champion.uri)
+    use_store(monkeypatch, champion.uri)
     yield champion
     _end_runs()

@@ -21,6 +21,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.tracking._model_registry import utils as registry_uri_state
+from mlflow.tracking._tracking_service import utils as tracking_uri_state
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,13 +269,29 @@ def make_project(repo: Path, params: dict | None = None, source: Path = REPO) ->
             values.setdefault(section, {}).update(section_values)
     (repo / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "FOOD101_FEATURE_CACHE")}
+           if k not in (*URI_VARS, "FOOD101_FEATURE_CACHE")}
     env.update(PATH=f"{BIN}:{env['PATH']}", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t", PYTHONPATH=str(repo))
     sh(repo, "git", "init", "-q", "-b", "main", env=env)
     sh(repo, "git", "add", "-A", env=env)
     sh(repo, "git", "commit", "-qm", "tiny", env=env)
     return env
+
+
+URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def use_store(monkeypatch, uri: str) -> None:
+    """Point MLflow's tracking and registry at ``uri`` until ``monkeypatch`` is undone.
+
+    ``mlflow.set_tracking_uri``/``set_registry_uri`` set process-wide state and export
+    ``MLFLOW_REGISTRY_URI``, which monkeypatch would not undo: a later test's client without
+    an explicit registry URI then reads another test's registry (CI failed so once),
+    and subprocesses inherit the variable. Patched here, the old state comes back."""
+    for var in URI_VARS:
+        monkeypatch.setenv(var, uri)
+    monkeypatch.setattr(tracking_uri_state, "_tracking_uri", uri)
+    monkeypatch.setattr(registry_uri_state, "_registry_uri", uri)
 
 
 def project_client(repo: Path) -> mlflow.MlflowClient:

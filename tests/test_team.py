@@ -27,7 +27,16 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
-from helpers import free_port, log_echo_model, make_project, poll, ran_stages, sh
+from helpers import (
+    free_port,
+    log_echo_model,
+    make_project,
+    poll,
+    project_client,
+    ran_stages,
+    sh,
+    use_store,
+)
 
 from pipeline import team
 from pipeline.runs import store, tracking
@@ -138,8 +147,7 @@ def test_gates_from_processes_that_share_only_the_server(server, tmp_path, monke
     the best (ties: the lower version), previous-champion right, every decision recorded."""
     from pipeline.runs import registry, store
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
-    mlflow.set_tracking_uri(server["uri"])
+    use_store(monkeypatch, server["uri"])
     model_uri = log_echo_model("race")
     v1 = registry.register(model_uri, "race", {"test_accuracy": "0.500000",
                                                "test_manifest_sha256": "m" * 64})
@@ -261,8 +269,7 @@ def test_a_slow_re_score_never_decides_under_a_lost_lock(server, tmp_path, monke
     """Two gates against one server, the lock's expiry 4 s. A re-scores the champion (tested
     on another manifest) for longer than that; B gates meanwhile and promotes a better model.
     No live lock is broken, and A, which scored v1, decides against B's v3, not v1."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
-    mlflow.set_tracking_uri(server["uri"])
+    use_store(monkeypatch, server["uri"])
     from pipeline.runs import registry
 
     model_uri = log_echo_model("slow")
@@ -372,7 +379,7 @@ def test_two_clones_at_once_then_a_fresh_clone_from_the_dvc_remote(server, tmp_p
     sh(own, "dvc", "repro", env=env_own | {"MLFLOW_TRACKING_URI": uri})  # way 1: that store
     out = sh(own, "dvc", "repro", "-f", "--downstream", "train", env=env_own)  # way 2: here
     assert {"train", "evaluate", "champion", "predict"} <= ran_stages(out.stdout + out.stderr)
-    here = mlflow.MlflowClient(f"sqlite:///{own / 'mlruns' / 'mlflow.db'}")
+    here = project_client(own)  # its registry named: no process-wide default in the way
     assert str(here.get_registered_model(NAME).aliases["champion"]) == "1"
     sh(own, "dvc", "repro", env=env_own)  # and from now on, plain `dvc repro`
 

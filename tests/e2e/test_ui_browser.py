@@ -27,7 +27,15 @@ from urllib.parse import quote
 
 import mlflow
 import pytest
-from helpers import REPO, free_port, fresh_store, make_tiny_data, printed_links, stop_group
+from helpers import (
+    REPO,
+    free_port,
+    fresh_store,
+    make_tiny_data,
+    printed_links,
+    stop_group,
+    use_store,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -83,9 +91,7 @@ def project(tiny_demo, tmp_path_factory, migrated_db):
     uri = fresh_store(root, migrated_db)
     runs = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        use_store(mp, uri)
         for name in NAMES:
             data = make_tiny_data(tiny_demo, root / name, train={"lr": float(name[3:])})
             p = data.params

@@ -2,6 +2,7 @@
 calls whose errors are errors (retried when transient, never read as an absence)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,6 +50,28 @@ def test_credentials_are_not_shown():
     assert store.display_uri("http://ana:s3cret@host:5005/x") == "http://host:5005/x"
     assert store.display_uri("sqlite:////abs/mlruns/mlflow.db") == (
         "sqlite:////abs/mlruns/mlflow.db")
+
+
+CONFIGURED: list[str] = []  # what the test above set, for the test below
+
+
+def test_configure_points_tracking_and_registry_at_the_store(mlflow_store, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:////elsewhere/mlflow.db")
+    assert store.configure() == mlflow_store
+    assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == mlflow_store
+    CONFIGURED.append(mlflow_store)
+
+
+def test_what_configure_set_is_not_seen_by_the_next_test():
+    """conftest puts MLflow's process-wide URIs back: a client without an explicit registry
+    once read the registry another test had configured (a CI failure in test_team)."""
+    import mlflow
+
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_registry_uri() == mlflow.get_tracking_uri()
+    assert not set(CONFIGURED) & {mlflow.get_tracking_uri(), mlflow.get_registry_uri()}
 
 
 @pytest.mark.slow  # runs every schema migration (~5 s); the other tests copy a migrated store
