@@ -34,7 +34,7 @@ from pipeline.plots import (
     per_class_accuracy_figure,
     worst_predictions_figure,
 )
-from pipeline.runs import notes, registry, run_model, tracking
+from pipeline.runs import lock, notes, registry, run_model, tracking
 from pipeline.runs.store import TrackingError
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def evaluate_and_log(
     """
     # checked before the run is re-opened
     compute = resolve_compute(dataclasses.replace(compute_cfg, nproc=1))
+    lock.lock_ttl()  # a wrong FOOD101_LOCK_TTL_SECONDS stops here, not after the evaluation
     df = data.test.frame
     classes = list(data.classes)
     y_true = df["class_index"].to_numpy()

@@ -42,13 +42,28 @@ from pipeline.runs.store import (
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".promotion-lock"
-LOCK_TTL_SECONDS = 600.0  # a holder that has not released by then is taken for dead
+LOCK_TTL_ENV = "FOOD101_LOCK_TTL_SECONDS"
+LOCK_TTL_SECONDS = 600.0  # default: a holder that has not released by then is taken for dead
 LOCK_WAIT_SECONDS = 1200.0  # how long a gate waits for the lock before it gives up
 LOCK_MARGIN = 0.25  # a write needs this fraction of the expiry still ahead of it
 
 
 class LockError(PipelineError):
     """The promotion lock is still held by another pipeline; the message says by whom."""
+
+
+def lock_ttl() -> float:
+    """The expiry of a promotion lock on a server, in seconds (``FOOD101_LOCK_TTL_SECONDS``,
+    default :data:`LOCK_TTL_SECONDS`): how long a dead holder keeps the others waiting. Every
+    pipeline sharing a server should use the same value."""
+    raw = os.environ.get(LOCK_TTL_ENV, "")
+    try:
+        value = float(raw) if raw else LOCK_TTL_SECONDS
+    except ValueError:
+        value = 0.0
+    if not value >= 1:
+        raise LockError(f"{LOCK_TTL_ENV}={raw!r}: expected a number of seconds (>= 1)")
+    return value
 
 
 def lock_path() -> Path:
@@ -61,8 +76,9 @@ def lock_path() -> Path:
 class Held:
     """The promotion lock as its holder has it: :meth:`check` before each write under it."""
 
-    def __init__(self, lock: str = "", token: str = "", expires: float = float("inf")):
-        self.lock, self.token, self.expires = lock, token, expires
+    def __init__(self, lock: str = "", token: str = "", expires: float = float("inf"),
+                 ttl: float = LOCK_TTL_SECONDS):
+        self.lock, self.token, self.expires, self.ttl = lock, token, expires, ttl
 
     def check(self) -> None:
         """Raise :class:`LockError` unless the lock is still ours with a margin before its
@@ -72,7 +88,7 @@ class Held:
         left = self.expires - time.time()
         tags = _lock_tags(client(), self.lock)
         ours = tags is not None and tags.get("token") == self.token
-        if not ours or left < LOCK_MARGIN * LOCK_TTL_SECONDS:
+        if not ours or left < LOCK_MARGIN * self.ttl:
             why = f"it expires in {left:.0f} s" if ours else "it was broken or released"
             raise LockError(
                 f"the promotion lock {self.lock!r} on {display_uri()} is no longer safely "
@@ -109,10 +125,11 @@ def server_lock(name: str) -> Iterator[Held]:
     c = client()
     lock = f"{name}{LOCK_SUFFIX}"
     token = uuid.uuid4().hex
+    ttl = lock_ttl()
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     delay = 0.2
     while True:
-        expires = time.time() + LOCK_TTL_SECONDS
+        expires = time.time() + ttl
         tags = {"token": token, "holder": f"{socket.gethostname()}:{os.getpid()}",
                 "expires_at": f"{expires:.3f}"}
         try:
@@ -131,7 +148,7 @@ def server_lock(name: str) -> Iterator[Held]:
             time.sleep(delay + random.uniform(0, delay))  # backoff with jitter
             delay = min(delay * 1.5, 2.0)
     try:
-        yield Held(lock, token, expires)
+        yield Held(lock, token, expires, ttl)
     finally:
         current = _lock_tags(c, lock)
         if current is not None and current.get("token") == token:

@@ -135,3 +135,17 @@ def test_the_gate_re_scores_a_champion_of_another_manifest_with_its_own_code(
     assert decision.promoted is False  # a tie: the same weights
     kept = registry.get_version(name, old).tags[f"test_accuracy.{c.data.test.sha256[:12]}"]
     assert kept == f"{acc:.6f}"
+
+
+def test_a_wrong_lock_expiry_stops_before_the_evaluation(champion_store, monkeypatch):
+    from pipeline.jobs.evaluate import TestData, evaluate_and_log
+    from pipeline.runs.lock import LockError
+
+    c = champion_store
+    monkeypatch.setenv("FOOD101_LOCK_TTL_SECONDS", "soon")
+    before = mlflow.get_run(c.trained.run.run_id).info.end_time
+    with pytest.raises(LockError, match="FOOD101_LOCK_TTL_SECONDS='soon'"):
+        evaluate_and_log(TestData(c.data.root, c.data.classes, c.data.test), c.trained.run,
+                         c.params.registry, c.params.compute, c.cache)
+    assert mlflow.get_run(c.trained.run.run_id).info.end_time == before  # not re-opened
+    assert len(registry.list_versions(c.name)) == 1

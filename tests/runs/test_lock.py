@@ -65,3 +65,24 @@ def test_a_write_needs_the_lock_still_ours_with_time_to_spare(monkeypatch):
     with pytest.raises(LockError, match="expires in"):
         held.check()
     lock.Held().check()  # a file lock on this machine cannot be lost
+
+
+def test_the_expiry_is_a_setting_and_a_dead_holder_is_broken_after_it(mlflow_store,
+                                                                      monkeypatch):
+    assert lock.lock_ttl() == lock.LOCK_TTL_SECONDS
+    monkeypatch.setenv(lock.LOCK_TTL_ENV, "30")
+    c = store.client()
+    with lock.server_lock("short") as held:
+        tags = c.get_registered_model("short" + lock.LOCK_SUFFIX).tags
+        assert 25 < float(tags["expires_at"]) - time.time() <= 30
+        assert held.ttl == 30
+        held.expires = time.time() + 30 * lock.LOCK_MARGIN - 1  # the margin is of 30 s
+        with pytest.raises(LockError, match="expires in"):
+            held.check()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "ten", "nan"])
+def test_a_wrong_expiry_is_refused_with_the_setting_named(monkeypatch, value):
+    monkeypatch.setenv(lock.LOCK_TTL_ENV, value)
+    with pytest.raises(LockError, match="FOOD101_LOCK_TTL_SECONDS=.*expected a number"):
+        lock.lock_ttl()
