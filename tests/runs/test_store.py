@@ -74,6 +74,17 @@ def test_what_configure_set_is_not_seen_by_the_next_test():
     assert not set(CONFIGURED) & {mlflow.get_tracking_uri(), mlflow.get_registry_uri()}
 
 
+@pytest.mark.slow  # runs every schema migration (~5 s)
+def test_the_committed_schema_is_what_mlflows_migrations_make(tmp_path):
+    """The tests' stores are loaded from fixtures/mlflow_schema.sql (conftest.migrated_db)."""
+    import mlflow_schema
+
+    mlflow_schema.migrated(tmp_path / "migrated.db", str(tmp_path / "artifacts"))
+    mlflow_schema.load(tmp_path / "loaded.db", tmp_path / "artifacts")
+    assert mlflow_schema.schema(tmp_path / "loaded.db") == mlflow_schema.schema(
+        tmp_path / "migrated.db"), "out of date: run .venv/bin/python tests/mlflow_schema.py"
+
+
 @pytest.mark.slow  # runs every schema migration (~5 s); the other tests copy a migrated store
 def test_a_missing_sqlite_store_is_created_once(tmp_path, monkeypatch):
     db = tmp_path / "mlruns" / "mlflow.db"
