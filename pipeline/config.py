@@ -87,18 +87,23 @@ class DemoConfig:
         return self
 
 
+ALL = "all"  # sample.size / sample.test_size: the whole list
+
+
 @typed
 class SampleConfig:
-    size: int = 10_000
-    test_size: int = 1_000
+    size: Union[int, Literal["all"]] = 10_000  # noqa: UP007 - "all": every readable image
+    test_size: Union[int, Literal["all"]] = 1_000  # noqa: UP007 - of the train / test list
     unlabeled_size: int = 50
     classes: Union[str, int, tuple[str, ...]] = "all"  # noqa: UP007 - "all", a count, a list
     seed: int = 42
 
     @model_validator(mode="after")
     def _ranges(self) -> SampleConfig:
-        _check(self.size >= 2, "sample.size", "must be a positive count >= 2")
-        _check(self.test_size >= 1, "sample.test_size", "must be a positive count")
+        _check(self.size == ALL or self.size >= 2, "sample.size",
+               "must be 'all' or a positive count >= 2")
+        _check(self.test_size == ALL or self.test_size >= 1, "sample.test_size",
+               "must be 'all' or a positive count")
         _check(self.unlabeled_size >= 0, "sample.unlabeled_size", "must be >= 0")
         classes = self.classes
         if isinstance(classes, str):

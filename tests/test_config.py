@@ -21,6 +21,8 @@ def test_committed_params_load():
         ({"train": {"epochs": 0}}, "train.epochs", ">= 1"),
         ({"train": {"lr": -0.1}}, "train.lr", "> 0"),
         ({"sample": {"size": -5}}, "sample.size", "positive"),
+        ({"sample": {"size": "most"}}, "sample.size", "one of 'all'"),
+        ({"sample": {"test_size": 0}}, "sample.test_size", "'all' or a positive count"),
         ({"sample": {"classes": "some"}}, "sample.classes", "'all'"),
         ({"split": {"val_fraction": 1.2}}, "split.val_fraction", "(0, 1)"),
         ({"split": {"val_fraction": 0}}, "split.val_fraction", "(0, 1)"),

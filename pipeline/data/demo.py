@@ -80,20 +80,24 @@ class Recipe:
 
 
 def _recipes() -> tuple[Recipe, ...]:
-    """24 recipes: every (shape, pattern) pair once, each hue family on four classes.
+    """144 recipes, every (pattern, hue, shape) once; Food-101's 101 classes fit.
 
-    The order is fixed (``classes=N`` takes the first N) and interleaved so that any prefix
-    mixes all shapes, patterns and hues.
+    The first 24 take every (shape, pattern) pair once, each hue family on four classes; each
+    further 24 repeat those pairs with every hue moved one family on (so the first 24, and
+    with them every demo of up to 24 classes, are what they always were). The order is fixed
+    (``classes=N`` takes the first N) and interleaved so that any prefix mixes all shapes,
+    patterns and hues.
     """
     hues = tuple(HUES)
-    out = []
+    base = []
     for k in range(len(SHAPES) * len(PATTERNS)):
         row, s = divmod(k, len(SHAPES))
         shape = SHAPES[s]
         pattern = PATTERNS[(s + row) % len(PATTERNS)]
-        hue = hues[(s + 2 * row + (row >= 3)) % len(hues)]
-        out.append(Recipe(pattern, hue, shape))
-    return tuple(out)
+        hue = (s + 2 * row + (row >= 3)) % len(hues)
+        base.append((pattern, hue, shape))
+    return tuple(Recipe(pattern, hues[(hue + shift) % len(hues)], shape)
+                 for shift in range(len(hues)) for pattern, hue, shape in base)
 
 
 RECIPES: tuple[Recipe, ...] = _recipes()

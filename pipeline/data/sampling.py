@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import SampleConfig, SplitConfig
+from pipeline.config import ALL, SampleConfig, SplitConfig
 from pipeline.errors import PipelineError
 from pipeline.handoffs import Manifest, SampleReport, SkippedFile, UnlabeledKey
 from pipeline.hashing import sha256_bytes
@@ -143,6 +143,14 @@ def draw_stratified(
     return pd.DataFrame(rows, columns=["path", "label"])
 
 
+def readable(candidates: pd.DataFrame, classes: list[str],
+             is_ok: Callable[[str], bool]) -> pd.DataFrame:
+    """Every candidate of ``classes`` that ``is_ok`` accepts (``sample.size: all``)."""
+    rows = [(rel, c) for c in classes
+            for rel in candidates.loc[candidates["label"] == c, "path"] if is_ok(rel)]
+    return pd.DataFrame(rows, columns=["path", "label"])
+
+
 def _manifest(df: pd.DataFrame, classes: list[str], digests: dict[str, str]) -> pd.DataFrame:
     index = {c: i for i, c in enumerate(classes)}
     out = df.assign(class_index=df["label"].map(index).astype(int),
@@ -177,22 +185,38 @@ def draw_sample(
     train_list = index[index["split"] == "train"]
     test_list = index[index["split"] == "test"]
     check = Checker(root, image_size)
-    total = cfg.size + cfg.test_size + cfg.unlabeled_size
+    every_train, every_test = cfg.size == ALL, cfg.test_size == ALL
+    total = ((len(train_list) if every_train else cfg.size)
+             + (len(test_list) if every_test else cfg.test_size + cfg.unlabeled_size))
+    unlabeled_what = "sample.unlabeled_size (drawn from the test list, apart from the test set)"
+    no_images = pd.DataFrame(columns=["path", "label"])
     with progress(total, "decode+check") as bar:
         check._bar = bar
-        sample = draw_stratified(
-            train_list, cfg.size, classes, rng, lambda p: check(p, "train"), "sample.size"
-        )
-        test = draw_stratified(
-            test_list, cfg.test_size, classes, rng, lambda p: check(p, "test"),
-            "sample.test_size",
-        )
-        bad = {s.path for s in check.skipped}
-        rest = test_list[~test_list["path"].isin(set(test["path"]) | bad)]
-        unlabeled = draw_stratified(
-            rest, cfg.unlabeled_size, classes, rng, lambda p: check(p, "unlabeled"),
-            "sample.unlabeled_size (drawn from the test list, apart from the test set)",
-        ) if cfg.unlabeled_size else pd.DataFrame(columns=["path", "label"])
+        if every_train:
+            sample = readable(train_list, classes, lambda p: check(p, "train"))
+        else:
+            sample = draw_stratified(
+                train_list, cfg.size, classes, rng, lambda p: check(p, "train"), "sample.size"
+            )
+        if every_test:  # the unlabeled inputs first: the test set is all the rest
+            unlabeled = draw_stratified(
+                test_list, cfg.unlabeled_size, classes, rng,
+                lambda p: check(p, "unlabeled"), unlabeled_what,
+            ) if cfg.unlabeled_size else no_images
+            bad = {s.path for s in check.skipped}
+            rest = test_list[~test_list["path"].isin(set(unlabeled["path"]) | bad)]
+            test = readable(rest, classes, lambda p: check(p, "test"))
+        else:
+            test = draw_stratified(
+                test_list, cfg.test_size, classes, rng, lambda p: check(p, "test"),
+                "sample.test_size",
+            )
+            bad = {s.path for s in check.skipped}
+            rest = test_list[~test_list["path"].isin(set(test["path"]) | bad)]
+            unlabeled = draw_stratified(
+                rest, cfg.unlabeled_size, classes, rng, lambda p: check(p, "unlabeled"),
+                unlabeled_what,
+            ) if cfg.unlabeled_size else no_images
         check._bar = None
     seconds = time.perf_counter() - start
 

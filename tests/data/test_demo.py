@@ -11,6 +11,7 @@ from PIL import Image
 from pipeline.data.demo import MAX_CLASSES, RECIPES, class_names, generate_demo
 
 TINY = dict(classes=3, train_per_class=4, test_per_class=2, min_side=48, max_side=64)
+FIRST_24_SHA256_16 = "18228f4f18bd710f"  # the recipe names of the 24-class demo, in order
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -93,8 +94,13 @@ def test_layout_and_metadata(tiny):
 
 
 def test_recipes_are_distinct_and_enough():
-    assert MAX_CLASSES == len(RECIPES) >= 24
+    assert MAX_CLASSES == len(RECIPES) >= 101  # Food-101's size
     assert len({r.name for r in RECIPES}) == len(RECIPES)
+    # The first 24 are the recipes of the 24-class demo (a demo of up to 24 classes, the
+    # default 20 among them, is what it was before more recipes were added).
+    first24 = ",".join(r.name for r in RECIPES[:24])
+    assert hashlib.sha256(first24.encode()).hexdigest()[:16] == FIRST_24_SHA256_16
+    assert len(class_names(101)) == 101
     # No single cue gives a class away: hues, shapes and patterns are each shared.
     first20 = RECIPES[:20]
     for attr in ("hue", "shape", "pattern"):

@@ -257,3 +257,34 @@ def test_real_photos_with_one_bad_file_of_each_kind(tmp_path):
     assert train & bad <= set(skipped) <= bad and all(skipped.values())
     assert train & odd <= set(sample["path"])
     assert (repo / "predictions" / "predictions.csv").is_file()
+
+
+def test_all_takes_every_image_of_the_lists_and_the_unlabeled_stay_apart(tiny_demo):
+    res, index = _draw(tiny_demo, size="all", test_size="all", unlabeled_size=6)
+    train_list = set(index.loc[index["split"] == "train", "path"])
+    test_list = set(index.loc[index["split"] == "test", "path"])
+    unlabeled = set(res.unlabeled_key.frame["source_path"])
+    assert set(res.sample.frame["path"]) == train_list
+    assert len(unlabeled) == 6 and unlabeled <= test_list
+    assert set(res.test.frame["path"]) == test_list - unlabeled
+    assert res.report.counts == {"sample": len(train_list), "test": len(test_list) - 6,
+                                 "unlabeled": 6}
+    again, _ = _draw(tiny_demo, size="all", test_size="all", unlabeled_size=6)
+    pd.testing.assert_frame_equal(res.unlabeled_key.frame, again.unlabeled_key.frame)
+
+
+def test_all_skips_the_unreadable_files_and_reports_them(tmp_path):
+    from pipeline.data.sources import index_imagefolder
+
+    kinds = _zoo_folder(tmp_path)
+    root, index, classes, _ = index_imagefolder(tmp_path, 0.25, seed=0)
+    bad = {p for p, k in kinds.items() if k == "bad"}
+    params = tiny_params(sample={"size": "all", "test_size": "all", "unlabeled_size": 2})
+    res = draw_sample(root, index, classes, params.sample, 32)
+    train = set(index.loc[index["split"] == "train", "path"])
+    test = set(index.loc[index["split"] == "test", "path"])
+    unlabeled = set(res.unlabeled_key.frame["source_path"])
+    assert set(res.sample.frame["path"]) == train - bad
+    assert set(res.test.frame["path"]) == test - bad - unlabeled
+    skipped = [s.path for s in res.report.skipped]
+    assert sorted(skipped) == sorted(set(skipped)) and set(skipped) == bad  # each once
