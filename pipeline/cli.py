@@ -91,17 +91,37 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     _refresh_champion_file(args.name, args.params)
 
 
+def image_files(names: list[str]) -> list[Path]:
+    """The files to label: each name as given, a folder as the image files under it (sorted,
+    subfolders included: Food-101's ``images/`` labels whole; other files skipped). The
+    images are streamed through the model in chunks, so a folder of 25,000 is fine."""
+    from pipeline.model.imaging import IMAGE_EXTENSIONS, is_image_file
+
+    missing = [n for n in names if not Path(n).exists()]
+    if missing:
+        raise PipelineError(f"no such file(s): {', '.join(missing)}")
+    files: list[Path] = []
+    for name in map(Path, names):
+        if not name.is_dir():
+            files.append(name)
+            continue
+        found = sorted(f for f in name.rglob("*") if f.is_file() and is_image_file(f))
+        if not found:
+            raise PipelineError(f"{name} holds no image files "
+                                f"({', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+        files += found
+    return files
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from pipeline.runs import registry, run_model
 
-    missing = [f for f in args.files if not Path(f).is_file()]
-    if missing:
-        raise PipelineError(f"no such file(s): {', '.join(missing)}")
+    files = image_files(args.files)
     ref = registry.resolve(args.name, args.model)
-    preds = run_model.predict_files(ref.uri, [Path(f) for f in args.files])
+    preds = run_model.predict_files(ref.uri, files)
     if "error" not in preds:  # a version logged before models reported unreadable rows
         preds["error"] = None
-    preds.insert(0, "file", args.files)
+    preds.insert(0, "file", [str(f) for f in files])
     preds = preds.astype(object).where(preds.notna(), None)
     if args.json:
         print(json.dumps(preds.to_dict(orient="records"), indent=2))
@@ -211,8 +231,8 @@ def build_parser(params: Params) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_promote)
     sub.add_parser("rollback", help="give champion back to previous-champion").set_defaults(
         func=cmd_rollback)
-    p = sub.add_parser("predict", help="label image files")
-    p.add_argument("files", nargs="+")
+    p = sub.add_parser("predict", help="label image files (a folder: every image in it)")
+    p.add_argument("files", nargs="+", metavar="file_or_folder")
     p.add_argument("--model", default="champion", help="an alias or a version number")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_predict)

@@ -322,3 +322,40 @@ def test_the_cli_labels_the_readable_files_and_reports_the_others(champion_store
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["label"] is None and "decompression bomb" in rows[0]["error"]
     assert rows[1]["label"] == c.evaluated.confusion["predicted"].iloc[0]
+
+
+def test_predict_a_folder_labels_the_images_in_it(capsys, champion_store, tmp_path,
+                                                  monkeypatch):
+    """A folder stands for the image files under it (sorted, subfolders too, other files
+    skipped); an explicitly named file is passed as given; a folder without images stops."""
+    import pandas as pd
+
+    c = champion_store
+    folder = tmp_path / "photos"
+    (folder / "b_class").mkdir(parents=True)
+    (folder / "a_class").mkdir()
+    src = [c.data.root / p for p in c.data.test.frame["path"].head(3)]
+    wanted = [folder / "a_class" / "2.JPG", folder / "b_class" / "1.jpg", folder / "top.png"]
+    for s, w in zip(src, wanted, strict=True):
+        w.write_bytes(s.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    named = tmp_path / "one.jpg"
+    named.write_bytes(src[0].read_bytes())
+    calls = []
+
+    def fake_predict(uri, paths, batch_size=16):
+        calls.append([str(p) for p in paths])
+        return pd.DataFrame({"label": ["x"] * len(paths), "confidence": [0.5] * len(paths),
+                             "top5": ['[["x", 0.5]]'] * len(paths)})
+
+    monkeypatch.setattr(run_model, "predict_files", fake_predict)
+    capsys.readouterr()
+    assert main(["--name", c.name, "predict", "--json", str(named), str(folder)]) == 0
+    assert calls == [[str(named), *map(str, wanted)]]
+    records = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in records] == calls[0]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "readme.md").write_text("no photos here")
+    assert main(["--name", c.name, "predict", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "empty holds no image files (jpg, jpeg, png, webp)" in err and len(calls) == 1
