@@ -9,7 +9,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := true
 
-.PHONY: venv run test test-fast lint ui plots bench clean-venv server server-stop remote
+.PHONY: venv run test test-fast lint ui plots bench bench-scale clean-venv server server-stop remote
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,6 +46,13 @@ plots: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py
+
+# The real pipeline, stage by stage, in scratch clones at ~1,000, 10,000 and Food-101's
+# full size (about an hour on 2 CPU cores): time per image, peak RSS, disk added; writes
+# docs/scale/bench_scale.{csv,png}. SIZES=1k,10k for the two small ones.
+SIZES ?= 1k,10k,full
+bench-scale: $(STAMP)
+	$(PY) scripts/bench_scale.py --sizes $(SIZES)
 
 clean-venv:
 	rm -rf $(VENV)
