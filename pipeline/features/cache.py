@@ -97,7 +97,8 @@ class FeatureStore:
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
         os.close(fd)
         with open(tmp, "wb") as fh:
-            np.savez(fh, digests=np.asarray(digests), features=features.astype(np.float32))
+            np.savez(fh, digests=np.asarray(digests),
+                     features=features.astype(np.float32, copy=False))
         os.replace(tmp, self.dir / f"shard-{uuid.uuid4().hex}.npz")
         rows = self._load()
         for d, f in zip(digests, features, strict=True):

@@ -169,20 +169,27 @@ def _extract(backbone: nn.Module, todo: list[tuple[str, Path]], how: Extraction,
             x = normalize_batch(pixels, how.device)
             if out.compiled and n < how.batch_size:  # the compiled graph has a static batch
                 x = torch.cat([x, x.new_zeros((how.batch_size - n, *x.shape[1:]))])
-            feats = extract_features(model, x, how.precision)[:n].cpu().numpy()
-            batch_digests = [d for d, _ in todo[done : done + n]]
+            pending_f.append(extract_features(model, x, how.precision)[:n].cpu().numpy())
+            pending_d += [d for d, _ in todo[done : done + n]]
             done += n
-            out.features.update(zip(batch_digests, feats, strict=True))
-            pending_d += batch_digests
-            pending_f.append(feats)
-            if store is not None and len(pending_d) >= FLUSH_EVERY:
-                store.add(pending_d, np.concatenate(pending_f))
+            if len(pending_d) >= FLUSH_EVERY:
+                _keep(out, store, pending_d, pending_f)
                 pending_d, pending_f = [], []
             bar.update(n)
     out.seconds = time.perf_counter() - t0
-    if store is not None and pending_d:
-        store.add(pending_d, np.concatenate(pending_f))
+    if pending_d:
+        _keep(out, store, pending_d, pending_f)
     return out
+
+
+def _keep(out: _Extracted, store: FeatureStore | None, digests: list[str],
+          batches: list[np.ndarray]) -> None:
+    """One block of features: a shard of ``store`` and ``out``'s rows are the same memory
+    (at Food-101's size, 75,750 x 2048 floats are 620 MB: one copy, not two)."""
+    block = np.concatenate(batches)
+    if store is not None:
+        store.add(digests, block)
+    out.features.update(zip(digests, block, strict=True))
 
 
 def _gathered(group: Group, todo: list[tuple[str, int]], mine: list[tuple[str, int]],
@@ -232,7 +239,8 @@ def compute_features(
         computed = _gathered(group, todo, mine, computed)
         run.seconds += time.perf_counter() - t0
     rows = [cached.get(d) if cached.get(d) is not None else computed[d] for d in digests]
-    feats = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    feats = (np.stack(rows).astype(np.float32, copy=False) if rows
+             else np.zeros((0, 0), np.float32))
     stats = {
         "images": len(paths),
         "cache_hits": len(paths) - len(todo),
