@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -41,26 +42,55 @@ def inner_module(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+@dataclass(frozen=True)
+class Steps:
+    """How every step runs: what stays frozen (its BatchNorm in eval mode, also under a DDP
+    wrapper), the precision, the device, and the process group (None: one process)."""
+
+    freeze: str | None = None
+    precision: str = "fp32"
+    device: torch.device = CPU
+    group: Group | None = None
+
+
+@dataclass
+class Update:
+    """One optimiser step from a loss: scaled gradients with fp16 (steps skipped on
+    overflow), then the per-step schedule."""
+
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
+    update: Update,
+    steps: Steps = Steps(),
     *,
-    freeze: str | None,
-    precision: str,
-    log_every: int,
     step: int,
+    log_every: int,
     on_step: StepCallback | None = None,
-    device: torch.device = CPU,
-    scaler: torch.amp.GradScaler | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    group: Group | None = None,
 ) -> tuple[dict, int]:
     """One pass over ``loader``; returns ({"train_loss": mean}, the global step after it).
 
-    With a ``group`` the loss is the mean over every rank's images (the step-level loss
+    With a process group the loss is the mean over every rank's images (the step-level loss
     too: the mean of the ranks' equal shares of the global batch).
     """
+    freeze, precision, device, group = steps.freeze, steps.precision, steps.device, steps.group
     model.train()
     set_train_mode(inner_module(model), freeze)  # frozen parts stay in eval mode, under DDP too
     criterion = nn.NLLLoss()
@@ -70,16 +100,7 @@ def train_one_epoch(
         with autocast(precision, device):
             out = model(x)
         loss = criterion(out.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scaled gradients, skipped steps on overflow
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        update(loss)
         step += 1
         total += loss.item() * len(y)
         count += len(y)
@@ -134,24 +155,24 @@ def fit(
     train_loader: DataLoader,
     val_loader: DataLoader,
     cfg: TrainConfig,
+    steps: Steps = Steps(),
     *,
-    freeze: str | None,
-    precision: str,
     on_epoch: EpochCallback | None = None,
     on_step: StepCallback | None = None,
-    device: torch.device = CPU,
-    group: Group | None = None,
 ) -> list[dict]:
     """Adam(W) on the trainable parameters for ``cfg.epochs`` (per-step cosine schedule with
-    ``train.scheduler: cosine``); one history row per epoch. With ``train.keep: best`` the
-    model ends with the weights of its best epoch (:func:`kept_epoch`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
+    ``train.scheduler: cosine``), each step as ``steps`` says; one history row per epoch.
+    With ``train.keep: best`` the model ends with the weights of its best epoch
+    (:func:`kept_epoch`)."""
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = None
     if cfg.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(1, cfg.epochs * len(train_loader)))
-    scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(precision, device) else None
+    needs_scaler = needs_grad_scaler(steps.precision, steps.device)
+    update = Update(optimizer, torch.amp.GradScaler("cuda") if needs_scaler else None,
+                    scheduler)
+    group = steps.group
     sampler = getattr(train_loader, "sampler", None)
     best: tuple[float, dict] | None = None
     history, step = [], 0
@@ -160,16 +181,13 @@ def fit(
             sampler.set_epoch(epoch - 1)  # a new shuffle each epoch, the same on every rank
         t0 = time.perf_counter()
         first_step = step
-        train_m, step = train_one_epoch(
-            model, train_loader, optimizer, freeze=freeze, precision=precision,
-            log_every=cfg.log_every, step=step, on_step=on_step, device=device,
-            scaler=scaler, scheduler=scheduler, group=group,
-        )
+        train_m, step = train_one_epoch(model, train_loader, update, steps, step=step,
+                                        log_every=cfg.log_every, on_step=on_step)
         train_s = time.perf_counter() - t0
-        metrics = {**train_m, **evaluate(inner_module(model), val_loader, precision, device, group)}
+        metrics = {**train_m, **evaluate(inner_module(model), val_loader, steps.precision,
+                                         steps.device, group)}
         metrics["epoch_seconds"] = time.perf_counter() - t0
-        steps = max(step - first_step, 1)
-        metrics["seconds_per_step"] = train_s / steps
+        metrics["seconds_per_step"] = train_s / max(step - first_step, 1)
         images = len(train_loader.sampler) * (group.world_size if group is not None else 1)
         metrics["train_images_per_second"] = images / train_s if train_s else 0.0
         if scheduler is not None:

@@ -33,7 +33,7 @@ from pipeline.distributed import Group, sync_batchnorm_supported
 from pipeline.features.cache import verified_digests
 from pipeline.features.extract import Extraction, loader_options, manifest_features
 from pipeline.handoffs import Manifest
-from pipeline.loop import CPU, EpochCallback, StepCallback, fit, inner_module, kept_epoch
+from pipeline.loop import CPU, EpochCallback, StepCallback, Steps, fit, inner_module, kept_epoch
 from pipeline.model.imaging import load_image
 from pipeline.model.network import FoodNet, HeadSpec, apply_freeze, build_model
 from pipeline.model.presets import eval_pixels, eval_resize_crop, train_resize_crop
@@ -272,9 +272,8 @@ def train_model(
         trained, freeze, precision = model, job.model.freeze, job.compute.precision
         path = "end-to-end"
     wrapped = _ddp(trained, group)
-    history = fit(wrapped, loaders.train, loaders.val, job.train, freeze=freeze,
-                  precision=precision, on_epoch=on_epoch, on_step=on_step, device=device,
-                  group=group)
+    history = fit(wrapped, loaders.train, loaders.val, job.train,
+                  Steps(freeze, precision, device, group), on_epoch=on_epoch, on_step=on_step)
     if inner_module(wrapped) is not trained:  # SyncBatchNorm trained a copy: take its weights
         trained.load_state_dict(inner_module(wrapped).state_dict())
     throughput = {

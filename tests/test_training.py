@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pipeline.data.sampling import draw_sample, split_sample
 from pipeline.data.sources import index_food101
 from pipeline.handoffs import Manifest
-from pipeline.loop import evaluate, fit, train_one_epoch
+from pipeline.loop import Steps, Update, evaluate, fit, train_one_epoch
 from pipeline.training import TrainData, TrainJob, _lone_last_batch, seed_everything, train_model
 
 
@@ -53,8 +53,8 @@ def test_train_one_epoch_steps_logs_and_returns_the_mean_loss():
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     loader = DataLoader(TensorDataset(x, y), batch_size=16)  # 16, 16, 16, 2
     seen = []
-    m, step = train_one_epoch(model, loader, opt, freeze=None, precision="fp32", log_every=2,
-                              step=10, on_step=lambda s, loss: seen.append(s))
+    m, step = train_one_epoch(model, loader, Update(opt), log_every=2, step=10,
+                              on_step=lambda s, loss: seen.append(s))
     assert step == 14  # four batches after step 10
     assert seen == [12, 14]
     assert np.isfinite(m["train_loss"]) and m["train_loss"] > 0
@@ -68,8 +68,8 @@ def test_fit_learns_and_reports_every_epoch():
     epochs = []
     cfg = tiny_params(train={"epochs": 6, "lr": 0.02, "log_every": 1000}).train
     history = fit(model, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True),
-                  DataLoader(TensorDataset(x, y), batch_size=64), cfg, freeze=None,
-                  precision="fp32", on_epoch=lambda e, m: epochs.append(e))
+                  DataLoader(TensorDataset(x, y), batch_size=64), cfg,
+                  on_epoch=lambda e, m: epochs.append(e))
     assert epochs == [1, 2, 3, 4, 5, 6]
     assert [h["epoch"] for h in history] == epochs
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -152,8 +152,8 @@ def test_fine_tuning_keeps_frozen_batchnorm_in_eval_mode_under_a_wrapper(backbon
                         batch_size=4)
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=0.01)
     before = net.backbone.layer3[0].bn1.running_mean.clone()
-    train_one_epoch(_Wrapper(net), loader, opt, freeze="layer4", precision="fp32",
-                    log_every=10, step=0)
+    train_one_epoch(_Wrapper(net), loader, Update(opt), Steps(freeze="layer4"), log_every=10,
+                    step=0)
     assert net.backbone.layer4.training and net.head.training  # unfrozen: batch statistics
     assert not net.backbone.layer3.training and not net.backbone.bn1.training  # frozen: eval
     assert torch.equal(net.backbone.layer3[0].bn1.running_mean, before)
@@ -170,8 +170,8 @@ def test_cosine_schedule_weight_decay_and_keeping_the_best_epoch():
     model = _head()
     snapshots = []
     history = fit(model, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True),
-                  DataLoader(TensorDataset(x[:40], y[:40]), batch_size=64), cfg, freeze=None,
-                  precision="fp32", on_epoch=lambda e, m: snapshots.append(
+                  DataLoader(TensorDataset(x[:40], y[:40]), batch_size=64), cfg,
+                  on_epoch=lambda e, m: snapshots.append(
                       {k: v.clone() for k, v in model.state_dict().items()}))
     lrs = [h["lr"] for h in history]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0, abs=1e-9)
