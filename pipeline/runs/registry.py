@@ -273,26 +273,39 @@ def gate(name: str, version: str, accuracy: float, manifest_sha256: str, min_del
                 if champ_acc is None:  # a new champion since it was scored: score that one
                     log.info("champion is now v%s: scoring it before deciding", champ.version)
                     continue
-            return _record_decision(c, held, name, str(version), accuracy, manifest_sha256,
-                                    min_delta, champ, champ_acc, run_id)
+            return _record_decision(c, held, Candidate(name, str(version), accuracy,
+                                                       manifest_sha256, min_delta, run_id),
+                                    champ, champ_acc)
     raise RegistryError(
         f"the champion of {name!r} changed {GATE_ROUNDS} times while this gate scored it; "
         f"v{version} is registered but undecided. Re-run the stage (`dvc repro`) to decide it."
     )
 
 
-def _record_decision(c: MlflowClient, held: Held, name: str, version: str, accuracy: float,
-                     manifest_sha256: str, min_delta: float, champ: ModelVersion | None,
-                     champ_acc: float | None, run_id: str) -> Promotion:
+@dataclass(frozen=True)
+class Candidate:
+    """The version a gate decides on: its test accuracy, the test manifest it was measured
+    on, the margin it must beat the champion by, and its MLflow run."""
+
+    name: str
+    version: str
+    accuracy: float
+    manifest_sha256: str
+    min_delta: float
+    run_id: str
+
+
+def _record_decision(c: MlflowClient, held: Held, cand: Candidate, champ: ModelVersion | None,
+                     champ_acc: float | None) -> Promotion:
     """Under the lock: decide, record the decision on the version, move the aliases."""
-    promoted, reason = decide(version, accuracy, str(champ.version) if champ else None,
-                              champ_acc, min_delta)
+    name, version = cand.name, cand.version
+    champion = str(champ.version) if champ else None
+    promoted, reason = decide(version, cand.accuracy, champion, champ_acc, cand.min_delta)
     decision = Promotion(
-        model_name=name, version=version, test_accuracy=accuracy,
-        test_manifest_sha256=manifest_sha256, min_delta=min_delta,
-        champion_version=str(champ.version) if champ else None,
-        champion_test_accuracy=champ_acc, decided_at=_now(), promoted=promoted,
-        reason=reason, run_id=run_id,
+        model_name=name, version=version, test_accuracy=cand.accuracy,
+        test_manifest_sha256=cand.manifest_sha256, min_delta=cand.min_delta,
+        champion_version=champion, champion_test_accuracy=champ_acc, decided_at=_now(),
+        promoted=promoted, reason=reason, run_id=cand.run_id,
     )
     # The lock is checked once before the writes: they take well under a second, and
     # LOCK_MARGIN keeps a quarter of the expiry ahead of them.
