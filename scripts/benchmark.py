@@ -4,11 +4,20 @@
    train stage runs it: the precision `train.precision` resolves to, compiled or not as
    `compute.compile` decides; and the eager path on a subset for comparison;
 2. seconds per head epoch on the cached features of the full train split;
-3. wall time of `dvc exp run -S train.lr=0.001` after a full run (set --skip-exp to omit).
+3. the machine's GEMM ceiling at the precision in use (a square matmul, best of 10) and
+   extraction as a fraction of it, from the backbone's FLOPs per image (torch's
+   FlopCounterMode at data.image_size);
+4. against the naive approach: the `train` stage's own command at 10 epochs from an empty
+   feature cache (in a scratch copy: its own MLflow store, the workspace untouched) against
+   the frozen backbone recomputed every epoch (fp32, eager, batch 64, the reference head)
+   timed on --naive-images of the same images; its cost per image is constant, so the naive
+   time at 10 epochs is 10 x the sample x that cost (--skip-naive to omit);
+5. wall time of `dvc exp run -S train.lr=0.001` after a full run (set --skip-exp to omit).
    Like any `dvc exp run`, it leaves that experiment applied to the workspace:
    `git checkout params.yaml && dvc repro` returns to the committed parameters.
 
     .venv/bin/python scripts/benchmark.py [--images N] [--eager-images 960] [--skip-exp]
+                                          [--naive-images 320] [--skip-naive]
 """
 
 from __future__ import annotations
@@ -17,14 +26,19 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,9 +47,94 @@ from pipeline.compute import loader_workers, resolve_compute  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.features.extract import Extraction, compute_features  # noqa: E402
 from pipeline.model.devices import cpu_bf16_supported, resolve_precision  # noqa: E402
+from pipeline.model.network import HeadSpec, apply_freeze, build_model  # noqa: E402
+from pipeline.model.presets import eval_resize_crop, normalize_batch  # noqa: E402
 from pipeline.model.weights import build_backbone  # noqa: E402
 from pipeline.paths import feature_cache_dir  # noqa: E402
-from pipeline.training import TrainData, TrainJob, train_model  # noqa: E402
+from pipeline.training import LabeledImages, TrainData, TrainJob, train_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NAIVE_EPOCHS = 10
+
+
+def gemm_gflops(precision: str, n: int = 2048, repeats: int = 10) -> float:
+    """The machine's matrix-multiply ceiling at ``precision`` (GFLOP/s of an n x n matmul,
+    the best of ``repeats``): what a convolution lowers to, at most."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)  # warm-up: thread pool, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def gflop_per_image(arch: str, image_size: int) -> float:
+    """FLOPs of one forward pass of the backbone (torch's own counter, not a table)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backbone, _ = build_backbone(arch, "none")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        backbone.eval()(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
+def naive_seconds_per_image(params, root: Path, frame: pd.DataFrame, classes: int,
+                            images: int) -> float:
+    """The approach the feature cache replaces, as the seed trained: every epoch decodes each
+    image and runs the frozen ResNet50 on it again, fp32, eager, batch 64, NCHW, the
+    reference head (no feature BatchNorm), Adam. Seconds per image of one pass over
+    ``images`` images, after one warm-up batch."""
+    size = params.data.image_size
+    backbone, _ = build_backbone(params.model.arch, params.model.weights, params.model.init_seed)
+    net = build_model(params.model.arch, classes,
+                      HeadSpec(params.model.hidden, params.model.dropout, False), backbone)
+    apply_freeze(net, "backbone")
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad],
+                                 lr=params.train.lr)
+    loader = DataLoader(LabeledImages(root, frame.head(images + 64), eval_resize_crop(size),
+                                      size), batch_size=64)
+    criterion = nn.NLLLoss()
+    net.train()
+    t0, timed = 0.0, 0
+    for i, (pixels, labels) in enumerate(loader):
+        if i == 1:
+            t0 = time.perf_counter()
+        loss = criterion(net(normalize_batch(pixels).contiguous()), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        timed += len(labels) if i else 0
+    return (time.perf_counter() - t0) / timed
+
+
+def train_stage_seconds(epochs: int) -> float:
+    """Wall time of the `train` stage's command (`stages/python -m stages.train`) at
+    ``epochs``, from an empty feature cache, in a scratch copy of HEAD with this workspace's
+    data and manifests (hard links) and its own MLflow store: the workspace is untouched."""
+    with tempfile.TemporaryDirectory(prefix="food101-bench-") as tmp:
+        copy = Path(tmp) / "repo"
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(copy)], check=True)
+        shutil.copytree(ROOT / "data" / "source", copy / "data" / "source",
+                        copy_function=os.link, dirs_exist_ok=True)
+        shutil.copytree(ROOT / "data" / "manifests", copy / "data" / "manifests",
+                        dirs_exist_ok=True)  # the clone has the folder (.gitignore)
+        (copy / "reports").mkdir(exist_ok=True)
+        shutil.copy(ROOT / "reports" / "sample.json", copy / "reports" / "sample.json")
+        path = copy / "params.yaml"
+        params = yaml.safe_load(path.read_text())
+        params["train"]["epochs"] = epochs
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_REGISTRY_URI",)}
+        env.update(FOOD101_FEATURE_CACHE=str(Path(tmp) / "features"),
+                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db",
+                   VIRTUAL_ENV=str(ROOT / ".venv"), MLFLOW_DISABLE_TELEMETRY="true")
+        t0 = time.perf_counter()
+        subprocess.run(["stages/python", "-m", "stages.train"], cwd=copy, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        return time.perf_counter() - t0
 
 
 def extraction(params, paths: list[Path], precision: str, compile: str) -> dict:
@@ -67,6 +166,9 @@ def main() -> None:
                     help="images for the eager (compute.compile=never) comparison; 0 skips it")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--skip-exp", action="store_true")
+    ap.add_argument("--naive-images", type=int, default=320,
+                    help="images for the naive recompute-every-epoch timing")
+    ap.add_argument("--skip-naive", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     params = load_params("params.yaml")
@@ -90,6 +192,12 @@ def main() -> None:
     if auto == "fp32" and cpu_bf16_supported():
         out["extract_bf16"] = extraction(params, paths[: args.eager_images or 960], "bf16",
                                          params.compute.compile)
+    ceiling = gemm_gflops(auto)
+    flop = gflop_per_image(params.model.arch, params.data.image_size)
+    out["gemm_ceiling_gflops"] = round(ceiling, 1)
+    out["gflop_per_image"] = round(flop, 3)
+    out["ceiling_img_s"] = round(ceiling / flop, 1)
+    out["extraction_share_of_ceiling"] = round(out["extract"]["loop_img_s"] * flop / ceiling, 3)
     print(json.dumps(out, indent=2), flush=True)
 
     # Head epochs on the cached features of the whole train/val split: the `train` stage's
@@ -106,6 +214,16 @@ def main() -> None:
         float(np.median([h["epoch_seconds"] for h in result.history])), 3)
     out["head_val_accuracy_after_epochs"] = round(result.final["val_accuracy"], 4)
     print(json.dumps(out, indent=2), flush=True)
+
+    if not args.skip_naive:
+        per_image = naive_seconds_per_image(params, root, train, len(classes), args.naive_images)
+        stage = train_stage_seconds(NAIVE_EPOCHS)
+        naive = NAIVE_EPOCHS * len(paths) * per_image
+        out["naive_s_per_image_epoch"] = round(per_image, 4)
+        out[f"naive_{NAIVE_EPOCHS}_epochs_s"] = round(naive, 1)
+        out[f"train_stage_{NAIVE_EPOCHS}_epochs_cold_s"] = round(stage, 1)
+        out["speedup_over_naive"] = round(naive / stage, 1)
+        print(json.dumps(out, indent=2), flush=True)
 
     if not args.skip_exp:
         t0 = time.perf_counter()
