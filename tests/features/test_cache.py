@@ -91,10 +91,11 @@ def test_extracted_features_are_held_once(tmp_path, backbone, monkeypatch):
 
     from pipeline.features import extract
 
+    N = 1000  # enough that what else the process allocates meanwhile is lost in the noise
     rng = np.random.default_rng(0)
     (tmp_path / "img").mkdir()
     paths = []
-    for i in range(200):
+    for i in range(N):
         paths.append(tmp_path / "img" / f"{i:03d}.png")
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(paths[-1])
     monkeypatch.setattr(extract, "FLUSH_EVERY", 32)
@@ -108,7 +109,8 @@ def test_extracted_features_are_held_once(tmp_path, backbone, monkeypatch):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert stats["cache_misses"] == 200 and feats.shape == (200, 2048)
-    # 2.5x measured: the rows + the returned array + decoding and shard writing; 3.5x when
-    # the rows were kept twice (once per batch, once per shard)
-    assert peak < 3 * feats.nbytes, f"peak {peak / feats.nbytes:.2f} x the features"
+    assert stats["cache_misses"] == N and feats.shape == (N, 2048)
+    # 2.28x measured: the rows + the returned array + decoding and shard writing; 3.26x when
+    # the rows were kept twice (once per batch, once per shard). At 200 images the whole
+    # suite's other allocations (other tests' threads) once added 0.5x: hence 1,000.
+    assert peak < 2.75 * feats.nbytes, f"peak {peak / feats.nbytes:.2f} x the features"
