@@ -67,6 +67,29 @@ def test_torch_threads_use_every_core(tmp_path, monkeypatch):
     assert seen == [max(1, os.cpu_count() or 1)]
 
 
+def test_with_food101_timings_a_stage_appends_its_seconds(tmp_path, monkeypatch):
+    """`make bench`'s breakdown: each stage appends its start-up (process start to its work)
+    and run seconds; without the variable nothing is written."""
+    import json
+    import time
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FOOD101_TIMINGS", raising=False)
+    run_stage(lambda p: None)
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]
+    out = tmp_path / "timings.jsonl"
+    monkeypatch.setenv("FOOD101_TIMINGS", str(out))
+    run_stage(lambda p: time.sleep(0.3))
+    run_stage(lambda p: None)
+    import gc
+
+    gc.unfreeze()
+    first, second = [json.loads(x) for x in out.read_text().splitlines()]
+    assert first["run_s"] >= 0.3 > second["run_s"]
+    assert first["startup_s"] > 0  # this test process started before run_stage
+
+
 # -- stages/python: the interpreter of every stage command, found without PATH --------------------
 
 LAUNCHER = REPO / "stages" / "python"

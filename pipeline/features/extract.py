@@ -127,10 +127,12 @@ def compiled_backbone(fused: nn.Module, batch_size: int, image_size: int,
 
 @dataclass
 class _Extracted:
-    """What one process computed: ``digest -> [D]`` features, and how long it took."""
+    """What one process computed: ``digest -> [D]`` features, and how long it took: the
+    whole loop (decoding included) and the forward passes alone."""
 
     features: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: float = 0.0
+    forward_seconds: float = 0.0
     compiled: bool = False
     compile_seconds: float = 0.0
 
@@ -169,7 +171,9 @@ def _extract(backbone: nn.Module, todo: list[tuple[str, Path]], how: Extraction,
             x = normalize_batch(pixels, how.device)
             if out.compiled and n < how.batch_size:  # the compiled graph has a static batch
                 x = torch.cat([x, x.new_zeros((how.batch_size - n, *x.shape[1:]))])
+            t1 = time.perf_counter()
             pending_f.append(extract_features(model, x, how.precision)[:n].cpu().numpy())
+            out.forward_seconds += time.perf_counter() - t1  # .cpu() waits for the device
             pending_d += [d for d, _ in todo[done : done + n]]
             done += n
             if len(pending_d) >= FLUSH_EVERY:
@@ -246,6 +250,8 @@ def compute_features(
         "cache_hits": len(paths) - len(todo),
         "cache_misses": len(todo),
         "extract_seconds": round(run.seconds, 2),
+        # the network's forward passes alone (the rest of extract_seconds is decoding)
+        "forward_seconds": round(run.forward_seconds, 2),
         # all ranks together: each rank's share over its own extraction (and gathering) time
         "extract_images_per_second": (round(len(todo) / run.seconds, 1) if run.seconds
                                       else None),
@@ -258,7 +264,8 @@ def compute_features(
     log.info(
         "features: %d images, %d from cache, %d computed%s",
         stats["images"], stats["cache_hits"], stats["cache_misses"],
-        f" at {stats['extract_images_per_second']} img/s" if todo else "",
+        f" at {stats['extract_images_per_second']} img/s (forward passes "
+        f"{stats['forward_seconds']} s of {stats['extract_seconds']} s)" if todo else "",
     )
     return feats, stats
 
