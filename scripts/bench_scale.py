@@ -31,7 +31,9 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scratch import ROOT, VENV_BIN, pipeline_env, scratch_clone  # noqa: E402
+
 STAGES = ["prepare", "sample", "split", "train", "evaluate", "champion", "predict"]
 SIZES = {  # params.yaml changes per size
     "1k": {"sample": {"size": 1000, "test_size": 250}},
@@ -104,10 +106,9 @@ def set_params(clone: Path, changes: dict) -> None:
 
 
 def bench(size: str, scratch: Path, env: dict) -> list[dict]:
-    clone = scratch / size
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    clone = scratch_clone(scratch / size)
     set_params(clone, SIZES[size])
-    dvc = [str(ROOT / ".venv" / "bin" / "dvc")]
+    dvc = [str(VENV_BIN / "dvc")]
     out = []
     with open(scratch / f"{size}.log", "w") as log:
         for stage in STAGES:
@@ -187,11 +188,7 @@ def main() -> None:
     sizes = args.sizes.split(",")
     if unknown := set(sizes) - set(SIZES):
         ap.error(f"unknown size(s) {sorted(unknown)}: choose from {', '.join(SIZES)}")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FOOD101_FEATURE_CACHE")}
-    env.update(VIRTUAL_ENV=str(ROOT / ".venv"), MLFLOW_DISABLE_TELEMETRY="true",
-               DVC_NO_ANALYTICS="true",
-               PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+    env = pipeline_env()
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="food101-bench-scale-"))
     print(f"scratch clones and logs in {scratch}", file=sys.stderr)
