@@ -322,6 +322,26 @@ def log_to_run(run_id: str, metrics: dict, tags: dict, texts: dict[str, str]) ->
                    artifact_file)
 
 
+def run_tag(run_id: str, key: str) -> str | None:
+    """One tag of a run (None when unset)."""
+    run = store_call(f"read run {run_id}", client().get_run, run_id)
+    return run.data.tags.get(key)
+
+
+def delete_tag(run_id: str, key: str) -> None:
+    """Remove a tag from a run, if it has it."""
+    if run_tag(run_id, key) is not None:
+        store_call(f"untag run {run_id}", client().delete_tag, run_id, key)
+
+
+def read_artifact_text(run_id: str, artifact_file: str) -> str | None:
+    """A text artifact of a run; None when the run has no such file."""
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}")
+    except (MlflowException, OSError):
+        return None
+
+
 def download_model(model_uri: str, dst: Path) -> Path:
     """A logged model's folder, downloaded (copied, for a local store) into ``dst``."""
     configure()

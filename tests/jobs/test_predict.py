@@ -1,5 +1,7 @@
 """The predict job: every unlabeled image labelled by the champion, scored against the key."""
 
+from pathlib import Path
+
 import mlflow
 import pytest
 from helpers import tiny_params
@@ -47,3 +49,45 @@ def test_without_champion_nothing_is_logged(champion_store):
         predict_and_log(*args)
     after = mlflow.get_run(c.trained.run.run_id).data
     assert after.tags == before.tags and after.metrics == before.metrics
+
+
+@pytest.mark.slow  # the model is loaded in a fresh interpreter (once)
+def test_the_same_version_on_the_same_files_is_not_loaded_again(champion_store, monkeypatch,
+                                                                 tmp_path):
+    """A second predict of the same version, files and batch size reads the first one's
+    predictions back (the same bytes, no model load); another batch size or a changed file
+    runs the model again."""
+    import dataclasses
+    import shutil
+
+    from pipeline.jobs import predict
+    from pipeline.runs import run_model
+
+    c = champion_store
+    files = []  # copies: the session's photos stay as they are
+    for f in unlabeled_files(c.data.unlabeled):
+        files.append(Path(shutil.copy(f, tmp_path / f.name)))
+    args = (c.data.key, c.params.registry)
+    first, m1 = predict_and_log(files, *args, c.params.predict, c.trained.run)
+
+    calls = []
+    real = run_model.predict_files
+
+    def counted(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_model, "predict_files", counted)
+    again, m2 = predict_and_log(files, *args, c.params.predict, c.trained.run)
+    assert not calls
+    assert again.to_csv(index=False) == first.to_csv(index=False) and m2 == m1
+    assert mlflow.get_run(c.trained.run.run_id).data.tags["predict_reused"] == "true"
+
+    other_batch = dataclasses.replace(c.params.predict, batch_size=c.params.predict.batch_size + 1)
+    predict_and_log(files, *args, other_batch, c.trained.run)
+    assert len(calls) == 1
+    files[0].write_bytes(files[1].read_bytes())  # a changed photo under the same name
+    predict_and_log(files, *args, other_batch, c.trained.run)
+    assert len(calls) == 2
+    assert predict.inputs_digest("models:/x/1", files, 16) != predict.inputs_digest(
+        "models:/x/2", files, 16)
