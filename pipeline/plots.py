@@ -28,7 +28,8 @@ WRONG, RIGHT = "#c0392b", "#1e8449"  # caption colours of the image grid
 
 
 def png_bytes(fig: Figure) -> bytes:
-    """The figure as PNG (the same settings as what the job logs to MLflow); closes it."""
+    """The figure as PNG; closes it. The jobs render each figure once: these bytes go to the
+    MLflow run and to the stage's plots/ file."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)

@@ -14,7 +14,6 @@ from pipeline import handoffs
 from pipeline.config import Params
 from pipeline.jobs.evaluate import TestData, evaluate_and_log
 from pipeline.paths import feature_cache_dir
-from pipeline.plots import png_bytes
 from stages.common import run_stage
 
 
@@ -29,9 +28,9 @@ def main(params: Params) -> None:
     handoffs.write_csv(handoffs.PER_CLASS_REPORT, out.per_class)
     handoffs.write_csv(handoffs.CONFUSION_CSV, out.confusion)
     handoffs.write_csv(handoffs.PER_CLASS_ACCURACY_CSV, out.accuracy)
-    handoffs.atomic_write_bytes(handoffs.CONFUSION_PNG, png_bytes(out.figures.confusion))
-    handoffs.atomic_write_bytes(handoffs.PER_CLASS_ACCURACY_PNG, png_bytes(out.figures.per_class))
-    handoffs.atomic_write_bytes(handoffs.WORST_PREDICTIONS_PNG, png_bytes(out.figures.worst))
+    handoffs.atomic_write_bytes(handoffs.CONFUSION_PNG, out.pngs["confusion_matrix"])
+    handoffs.atomic_write_bytes(handoffs.PER_CLASS_ACCURACY_PNG, out.pngs["per_class_accuracy"])
+    handoffs.atomic_write_bytes(handoffs.WORST_PREDICTIONS_PNG, out.pngs["worst_predictions"])
 
 
 if __name__ == "__main__":

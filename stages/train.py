@@ -14,7 +14,6 @@ from pipeline.compute import resolve_compute
 from pipeline.config import Params
 from pipeline.jobs.train import TrainData, TrainRun, train_and_log
 from pipeline.paths import feature_cache_dir
-from pipeline.plots import png_bytes
 from stages.common import run_stage
 
 
@@ -32,7 +31,7 @@ def main(params: Params) -> None:
     out.run.write()
     handoffs.write_json(handoffs.TRAIN_METRICS, out.metrics)  # resolved values: MLflow params
     handoffs.write_csv(handoffs.TRAIN_HISTORY, out.history)
-    handoffs.atomic_write_bytes(handoffs.LEARNING_CURVES, png_bytes(out.curves))
+    handoffs.atomic_write_bytes(handoffs.LEARNING_CURVES, out.curves_png)
 
 
 if __name__ == "__main__":

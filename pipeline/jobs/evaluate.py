@@ -28,10 +28,10 @@ from pipeline.handoffs import Manifest, Promotion, RunRef
 from pipeline.model.imaging import load_image
 from pipeline.model.pyfunc import load_network
 from pipeline.plots import (
-    DPI,
     Misclassified,
     confusion_figure,
     per_class_accuracy_figure,
+    png_bytes,
     worst_predictions_figure,
 )
 from pipeline.runs import lock, notes, registry, run_model, tracking
@@ -57,6 +57,12 @@ class EvalFigures:
     per_class: Figure  # per-class accuracy, sorted bars
     worst: Figure  # the worst-classified test images with true and predicted labels
 
+    def pngs(self) -> dict[str, bytes]:
+        """Each picture rendered once, by the name its file and artifact have."""
+        return {"confusion_matrix": png_bytes(self.confusion),
+                "per_class_accuracy": png_bytes(self.per_class),
+                "worst_predictions": png_bytes(self.worst)}
+
 
 @dataclass(frozen=True)
 class EvalOutputs:
@@ -66,6 +72,7 @@ class EvalOutputs:
     accuracy: pd.DataFrame  # class, accuracy, support: worst first (for dvc plots)
     decision: Promotion
     figures: EvalFigures
+    pngs: dict[str, bytes]  # the figures as PNG: what the run holds, what the stage writes
 
 
 def draw_figures(data: TestData, y_true: np.ndarray, probs: np.ndarray, cm: np.ndarray,
@@ -140,9 +147,9 @@ def evaluate_and_log(
         digest = tracking.log_manifest(data.test, "test", "testing")
         tracking.log_metrics(metrics)
         figures = draw_figures(data, y_true, probs, cm, accuracy, metrics["test_accuracy"])
-        tracking.log_figure(figures.confusion, "evaluation/confusion_matrix.png", DPI)
-        tracking.log_figure(figures.per_class, "evaluation/per_class_accuracy.png", DPI)
-        tracking.log_figure(figures.worst, "evaluation/worst_predictions.png", DPI)
+        pngs = figures.pngs()
+        for name, png in pngs.items():
+            tracking.log_png(png, f"evaluation/{name}.png")
         tracking.log_text(per_class.to_csv(index=False), "evaluation/per_class_report.csv")
         tracking.log_text(pd.DataFrame(cm, index=classes, columns=classes).to_csv(),
                           "evaluation/confusion_matrix.csv")
@@ -170,4 +177,4 @@ def evaluate_and_log(
             notes.run_route(tracking.active_experiment_id(), run_id), decision))
     confusion_rows = pd.DataFrame({"actual": [classes[i] for i in y_true],
                                    "predicted": [classes[i] for i in y_pred]})
-    return EvalOutputs(metrics, per_class, confusion_rows, accuracy, decision, figures)
+    return EvalOutputs(metrics, per_class, confusion_rows, accuracy, decision, figures, pngs)

@@ -22,7 +22,7 @@ from pipeline.handoffs import RunRef
 from pipeline.model import pyfunc
 from pipeline.model.card import ModelCard
 from pipeline.model.presets import Preprocessing
-from pipeline.plots import DPI, learning_curves
+from pipeline.plots import learning_curves, png_bytes
 from pipeline.runs import store, tracking
 from pipeline.runs.spec import RunSpec, run_spec
 from pipeline.training import (
@@ -64,7 +64,8 @@ class TrainOutputs:
     run: RunRef
     metrics: dict  # final train_loss, val_loss, val_accuracy
     history: pd.DataFrame  # one row per epoch (train_loss, val_loss, val_accuracy)
-    curves: Figure  # learning curves (also logged to the run)
+    curves: Figure  # learning curves
+    curves_png: bytes  # the curves as PNG: what the run holds, what the stage writes
 
 
 def train_and_log(run: TrainRun) -> TrainOutputs | None:
@@ -102,12 +103,13 @@ def train_and_log(run: TrainRun) -> TrainOutputs | None:
                     on_step=lambda step, loss: metrics.log({"train_step_loss": loss}, step))
             history = pd.DataFrame(result.history)[["epoch", *SCORES]]
             curves = learning_curves(history)
-            model_uri = _log_result(run, result, curves, run_id)
+            png = png_bytes(curves)
+            model_uri = _log_result(run, result, png, run_id)
     return TrainOutputs(RunRef(run_id, run.spec.name, model_uri, store.display_uri()),
-                        result.final, history, curves)
+                        result.final, history, curves, png)
 
 
-def _log_result(run: TrainRun, result: TrainResult, curves: Figure, run_id: str) -> str:
+def _log_result(run: TrainRun, result: TrainResult, curves_png: bytes, run_id: str) -> str:
     """Resolved values, descriptions, the curves and the model, to the active run; the
     model's URI."""
     job = run.job
@@ -135,7 +137,7 @@ def _log_result(run: TrainRun, result: TrainResult, curves: Figure, run_id: str)
         tracking.log_dict(result.feature_stats, "training/feature_cache.json")
     tracking.log_dict({**job.compute.as_params(), "precision": result.precision,
                        **result.throughput}, "training/compute.json")
-    tracking.log_figure(curves, "training/learning_curves.png", DPI)
+    tracking.log_png(curves_png, "training/learning_curves.png")
     card = ModelCard(
         arch=job.model.arch, classes=tuple(job.data.classes), image_size=job.image_size,
         head=head_spec(job.model), weights=result.weights_used, precision=result.precision,

@@ -15,11 +15,12 @@ import logging
 import os
 import queue
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import psutil
@@ -40,9 +41,6 @@ from pipeline.runs.store import (
     display_uri,
     store_call,
 )
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -304,9 +302,14 @@ def log_text(text: str, artifact_file: str) -> None:
     store_call(f"log {artifact_file}", mlflow.log_text, text, artifact_file)
 
 
-def log_figure(fig: Figure, artifact_file: str, dpi: int) -> None:
-    store_call(f"log {artifact_file}", mlflow.log_figure, fig, artifact_file,
-               save_kwargs={"dpi": dpi})
+def log_png(png: bytes, artifact_file: str) -> None:
+    """A picture already rendered (``plots.png_bytes``): the stage writes the same bytes to
+    its plots/ file, so each figure is drawn once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_bytes(png)
+        store_call(f"log {artifact_file}", mlflow.log_artifact, str(path),
+                   str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
 
 def log_to_run(run_id: str, metrics: dict, tags: dict, texts: dict[str, str]) -> None:

@@ -58,6 +58,12 @@ def test_the_training_run_holds_the_evaluation(champion_store, tmp_path):
                 for a in client.list_artifacts(run_id, folder) if a.path.endswith(".png")}
     assert pictures == {"training/learning_curves.png", "evaluation/confusion_matrix.png",
                         "evaluation/per_class_accuracy.png", "evaluation/worst_predictions.png"}
+    # each picture is rendered once: the run holds the bytes the stage writes to plots/
+    for name, png in ev.pngs.items():
+        local = client.download_artifacts(run_id, f"evaluation/{name}.png", str(tmp_path))
+        assert Path(local).read_bytes() == png and png.startswith(b"\x89PNG")
+    local = client.download_artifacts(run_id, "training/learning_curves.png", str(tmp_path))
+    assert Path(local).read_bytes() == c.trained.curves_png
     local = Path(client.download_artifacts(run_id, "evaluation", str(tmp_path)))
     assert (local / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pd.read_csv(local / "per_class_report.csv")["class"].tolist() == list(c.data.classes)
