@@ -44,6 +44,10 @@ plots: $(STAMP)
 	test -f .cache/dvc-plots-offline.html || $(PY) scripts/offline_plots_template.py
 	dvc plots show --html-template .cache/dvc-plots-offline.html -o dvc_plots
 
+# Speed figures (scripts/benchmark.py; docs/figures.md has them): extraction against the GEMM
+# ceiling, head epochs, the train stage against the naive approach, a head-only `dvc exp
+# run` (left applied to the workspace), and a first `dvc repro` step by step in a scratch
+# clone (scripts/run_breakdown.py). About 8 minutes on 2 CPU cores, after `make run`.
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py
 
