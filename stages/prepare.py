@@ -1,8 +1,9 @@
 """Stage ``prepare``: materialise the data source.
 
-Params: ``data``, ``demo``. Output: ``data/source/`` (``index.csv`` listing every image with its
-class and official train/test list, ``source.json``; for ``data.source=demo`` also the
-generated Food-101-layout photos).
+Params: ``data``, ``demo``, ``sample``. Output: ``data/source/`` (``index.csv`` listing every
+image with its class and official train/test list, ``source.json``; for ``data.source=demo``
+also the generated Food-101-layout photos: those ``sample`` draws with these ``sample``
+settings, the meta lists naming them all).
 """
 
 from pipeline import handoffs
@@ -12,7 +13,8 @@ from stages.common import run_stage
 
 
 def main(params: Params) -> None:
-    info, index = materialise(params.data, params.demo, handoffs.SOURCE_DIR)
+    # The demo writes only the images `sample` will draw: prepare depends on `sample` too.
+    info, index = materialise(params.data, params.demo, handoffs.SOURCE_DIR, params.sample)
     index.write(handoffs.SOURCE_INDEX)
     info.write(handoffs.SOURCE_INFO)
 

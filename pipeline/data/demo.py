@@ -331,6 +331,24 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def _ids(train_per_class: int, test_per_class: int) -> tuple[list[int], list[int]]:
+    return (list(range(train_per_class)),
+            list(range(TEST_ID_OFFSET, TEST_ID_OFFSET + test_per_class)))
+
+
+def demo_lists(classes: int, train_per_class: int, test_per_class: int) -> dict[str, list[str]]:
+    """The meta lists of the demo (``classes.txt``, ``labels.txt``, ``train.txt``,
+    ``test.txt``): what ``generate_demo`` writes, known before any image exists."""
+    ordered = sorted(RECIPES[:classes], key=lambda r: r.name)
+    train_ids, test_ids = _ids(train_per_class, test_per_class)
+    return {
+        "classes.txt": [r.name for r in ordered],
+        "labels.txt": [r.label for r in ordered],
+        "train.txt": [f"{r.name}/{_image_id(i)}" for r in ordered for i in train_ids],
+        "test.txt": [f"{r.name}/{_image_id(i)}" for r in ordered for i in test_ids],
+    }
+
+
 def generate_demo(
     out_dir: Path,
     *,
@@ -341,8 +359,13 @@ def generate_demo(
     max_side: int = 192,
     seed: int = 101,
     workers: int = 2,
+    only: set[str] | None = None,
 ) -> dict:
     """Write the synthetic demo dataset in Food-101's layout to ``out_dir`` (replacing it).
+
+    ``only``: the images to write (paths ``images/<class>/<id>.jpg``), e.g. those the sample
+    will draw; the meta lists still name every image. Each image is the same bytes whichever
+    others are written.
 
     Returns a summary: class names, image counts, bytes written and seconds taken.
     Raises ValueError for impossible arguments (e.g. more classes than the built-in recipes).
@@ -365,12 +388,17 @@ def generate_demo(
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     _remove(tmp)
     recipes = RECIPES[:classes]
-    train_ids = list(range(train_per_class))
-    test_ids = list(range(TEST_ID_OFFSET, TEST_ID_OFFSET + test_per_class))
+    train_ids, test_ids = _ids(train_per_class, test_per_class)
+    wanted = {ci: [i for i in train_ids + test_ids
+                   if only is None or f"images/{r.name}/{_image_id(i)}.jpg" in only]
+              for ci, r in enumerate(recipes)}
+    written = sum(len(ids) for ids in wanted.values())
     log.info(
-        "Generating demo dataset: %d classes x (%d train + %d test) images, %d-%d px, "
-        "seed %d, %d worker(s) -> %s",
-        classes, train_per_class, test_per_class, min_side, max_side, seed, workers, out_dir,
+        "Generating demo dataset: %d classes x (%d train + %d test) images listed, %s, "
+        "%d-%d px, seed %d, %d worker(s) -> %s",
+        classes, train_per_class, test_per_class,
+        "all written" if only is None else f"the {written} the sample draws written",
+        min_side, max_side, seed, workers, out_dir,
     )  # fmt: skip
     try:
         for r in recipes:
@@ -378,10 +406,10 @@ def generate_demo(
         tasks = [
             (str(tmp), seed, ci, chunk, min_side, max_side)
             for ci in range(classes)
-            for chunk in _chunks(train_ids + test_ids)
+            for chunk in _chunks(wanted[ci])
         ]
         image_total = 0
-        with progress(classes * len(train_ids + test_ids), "demo images") as bar:
+        with progress(written, "demo images") as bar:
             if workers == 1:
                 for task in tasks:
                     image_total += _write_chunk(task)
@@ -392,18 +420,12 @@ def generate_demo(
                 methods = multiprocessing.get_all_start_methods()
                 ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
                 with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                    for task, written in zip(tasks, pool.map(_write_chunk, tasks),
+                    for task, size in zip(tasks, pool.map(_write_chunk, tasks),
                                              strict=True):
-                        image_total += written
+                        image_total += size
                         bar.update(len(task[3]))
 
-        ordered = sorted(recipes, key=lambda r: r.name)
-        meta = {
-            "classes.txt": [r.name for r in ordered],
-            "labels.txt": [r.label for r in ordered],
-            "train.txt": [f"{r.name}/{_image_id(i)}" for r in ordered for i in train_ids],
-            "test.txt": [f"{r.name}/{_image_id(i)}" for r in ordered for i in test_ids],
-        }
+        meta = demo_lists(classes, train_per_class, test_per_class)
         (tmp / "meta").mkdir()
         meta_total = 0
         for name, lines in meta.items():
@@ -423,12 +445,13 @@ def generate_demo(
         "train_images": classes * train_per_class,
         "test_images": classes * test_per_class,
         "images": classes * (train_per_class + test_per_class),
+        "written": written,
         "bytes": image_total + meta_total,
         "seconds": round(seconds, 3),
         "seed": seed,
     }
     log.info(
         "Demo dataset ready: %d images, %.1f MB in %.1f s (%s)",
-        summary["images"], summary["bytes"] / 1e6, seconds, out_dir,
+        written, summary["bytes"] / 1e6, seconds, out_dir,
     )  # fmt: skip
     return summary

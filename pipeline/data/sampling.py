@@ -166,6 +166,69 @@ class SampleResult:
     report: SampleReport
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """The three draws of :func:`draw_lists`, and the generator that made them (it goes on
+    to name the unlabeled files)."""
+
+    classes: list[str]
+    sample: pd.DataFrame  # path, label
+    test: pd.DataFrame
+    unlabeled: pd.DataFrame
+    rng: np.random.Generator
+
+
+def draw_lists(index: pd.DataFrame, available_classes: list[str], cfg: SampleConfig,
+               is_ok: Callable[[str, str], bool]) -> Drawn:
+    """The train sample, test set and unlabeled inputs as ``cfg`` draws them from ``index``;
+    ``is_ok(path, split)`` is asked of each candidate before it is taken (the order of the
+    draws, and so the result, depends only on the index, ``cfg`` and those answers)."""
+    classes = choose_classes(available_classes, cfg.classes)
+    rng = np.random.default_rng(cfg.seed)
+    index = index[index["label"].isin(classes)]
+    train_list = index[index["split"] == "train"]
+    test_list = index[index["split"] == "test"]
+    refused: set[str] = set()
+
+    def ok(split: str) -> Callable[[str], bool]:
+        def check(path: str) -> bool:
+            if is_ok(path, split):
+                return True
+            refused.add(path)
+            return False
+
+        return check
+
+    unlabeled_what = "sample.unlabeled_size (drawn from the test list, apart from the test set)"
+    no_images = pd.DataFrame(columns=["path", "label"])
+    if cfg.size == ALL:
+        sample = readable(train_list, classes, ok("train"))
+    else:
+        sample = draw_stratified(train_list, cfg.size, classes, rng, ok("train"), "sample.size")
+    if cfg.test_size == ALL:  # the unlabeled inputs first: the test set is all the rest
+        unlabeled = draw_stratified(
+            test_list, cfg.unlabeled_size, classes, rng, ok("unlabeled"), unlabeled_what,
+        ) if cfg.unlabeled_size else no_images
+        rest = test_list[~test_list["path"].isin(set(unlabeled["path"]) | refused)]
+        test = readable(rest, classes, ok("test"))
+    else:
+        test = draw_stratified(test_list, cfg.test_size, classes, rng, ok("test"),
+                               "sample.test_size")
+        rest = test_list[~test_list["path"].isin(set(test["path"]) | refused)]
+        unlabeled = draw_stratified(
+            rest, cfg.unlabeled_size, classes, rng, ok("unlabeled"), unlabeled_what,
+        ) if cfg.unlabeled_size else no_images
+    return Drawn(classes, sample, test, unlabeled, rng)
+
+
+def drawn_paths(index: pd.DataFrame, available_classes: list[str], cfg: SampleConfig
+                ) -> set[str]:
+    """Every path ``sample`` will draw from ``index`` when each file is readable (what the
+    demo source generates: nothing more)."""
+    d = draw_lists(index, available_classes, cfg, lambda path, split: True)
+    return {*d.sample["path"], *d.test["path"], *d.unlabeled["path"]}
+
+
 def draw_sample(
     root: Path,
     index: pd.DataFrame,
@@ -179,46 +242,18 @@ def draw_sample(
     the answer key only (the caller copies the images under those names).
     """
     start = time.perf_counter()
-    classes = choose_classes(available_classes, cfg.classes)
-    rng = np.random.default_rng(cfg.seed)
-    index = index[index["label"].isin(classes)]
-    train_list = index[index["split"] == "train"]
-    test_list = index[index["split"] == "test"]
     check = Checker(root, image_size)
-    every_train, every_test = cfg.size == ALL, cfg.test_size == ALL
-    total = ((len(train_list) if every_train else cfg.size)
-             + (len(test_list) if every_test else cfg.test_size + cfg.unlabeled_size))
-    unlabeled_what = "sample.unlabeled_size (drawn from the test list, apart from the test set)"
-    no_images = pd.DataFrame(columns=["path", "label"])
+    classes = choose_classes(available_classes, cfg.classes)
+    chosen = index[index["label"].isin(classes)]
+    total = ((int((chosen["split"] == "train").sum()) if cfg.size == ALL else cfg.size)
+             + (int((chosen["split"] == "test").sum()) if cfg.test_size == ALL
+                else cfg.test_size + cfg.unlabeled_size))
     with progress(total, "decode+check") as bar:
         check._bar = bar
-        if every_train:
-            sample = readable(train_list, classes, lambda p: check(p, "train"))
-        else:
-            sample = draw_stratified(
-                train_list, cfg.size, classes, rng, lambda p: check(p, "train"), "sample.size"
-            )
-        if every_test:  # the unlabeled inputs first: the test set is all the rest
-            unlabeled = draw_stratified(
-                test_list, cfg.unlabeled_size, classes, rng,
-                lambda p: check(p, "unlabeled"), unlabeled_what,
-            ) if cfg.unlabeled_size else no_images
-            bad = {s.path for s in check.skipped}
-            rest = test_list[~test_list["path"].isin(set(unlabeled["path"]) | bad)]
-            test = readable(rest, classes, lambda p: check(p, "test"))
-        else:
-            test = draw_stratified(
-                test_list, cfg.test_size, classes, rng, lambda p: check(p, "test"),
-                "sample.test_size",
-            )
-            bad = {s.path for s in check.skipped}
-            rest = test_list[~test_list["path"].isin(set(test["path"]) | bad)]
-            unlabeled = draw_stratified(
-                rest, cfg.unlabeled_size, classes, rng, lambda p: check(p, "unlabeled"),
-                unlabeled_what,
-            ) if cfg.unlabeled_size else no_images
+        drawn = draw_lists(index, available_classes, cfg, check)
         check._bar = None
     seconds = time.perf_counter() - start
+    sample, test, unlabeled, rng = drawn.sample, drawn.test, drawn.unlabeled, drawn.rng
 
     order = rng.permutation(len(unlabeled))
     key_rows = []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import ConfigError, DataConfig, DemoConfig
+from pipeline.config import ConfigError, DataConfig, DemoConfig, SampleConfig
 from pipeline.errors import PipelineError
 from pipeline.handoffs import SourceIndex, SourceInfo
 from pipeline.model.imaging import is_image_file
@@ -75,17 +75,16 @@ def index_food101(root: Path, download: bool = False) -> tuple[Path, pd.DataFram
             raise _food101_layout_error(root)
     classes = _read_lines(meta / "classes.txt")
     known = set(classes)
-    rows = []
-    for split in ("train", "test"):
-        for line in _read_lines(meta / f"{split}.txt"):
+    lists = {f"{split}.txt": _read_lines(meta / f"{split}.txt") for split in ("train", "test")}
+    for name, lines in lists.items():
+        for line in lines:
             label = line.split("/", 1)[0]
             if label not in known:
                 raise SourceError(
-                    f"{meta / (split + '.txt')}: line {line!r} names class {label!r}, "
+                    f"{meta / name}: line {line!r} names class {label!r}, "
                     "which is not in meta/classes.txt"
                 )
-            rows.append({"path": f"images/{line}.jpg", "label": label, "split": split})
-    return found, pd.DataFrame(rows, columns=["path", "label", "split"]), classes
+    return found, _list_index(lists), classes
 
 
 def index_imagefolder(
@@ -144,21 +143,38 @@ def fingerprint(root: Path, paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def materialise(data: DataConfig, demo: DemoConfig,
-                out_dir: Path) -> tuple[SourceInfo, SourceIndex]:
+def _list_index(lists: dict[str, list[str]]) -> pd.DataFrame:
+    """The index of Food-101-style meta lists (``train.txt``/``test.txt`` lines
+    ``<class>/<id>``), rows in the order :func:`index_food101` reads them."""
+    rows = [{"path": f"images/{line}.jpg", "label": line.split("/", 1)[0], "split": split}
+            for split in ("train", "test") for line in lists[f"{split}.txt"]]
+    return pd.DataFrame(rows, columns=["path", "label", "split"])
+
+
+def materialise(data: DataConfig, demo: DemoConfig, out_dir: Path,
+                sample: SampleConfig | None = None) -> tuple[SourceInfo, SourceIndex]:
     """Index the configured source; for ``demo``, first generate its images into ``out_dir``
     (Food-101 layout). An external source is indexed (and validated) before ``out_dir`` is
     emptied. The caller writes the two returned hand-offs into ``out_dir``.
+
+    ``sample``: the demo writes only the images ``sample`` will draw with these settings
+    (its meta lists and ``index.csv`` still name every image): about half of them by
+    default. None: every image.
     """
     start = time.perf_counter()
     if data.source == "demo":
-        from pipeline.data.demo import MAX_CLASSES, generate_demo
+        from pipeline.data.demo import MAX_CLASSES, demo_lists, generate_demo
+        from pipeline.data.sampling import drawn_paths
 
         if demo.classes > MAX_CLASSES:
             raise ConfigError(f"demo.classes: must lie in [2, {MAX_CLASSES}] (one class per "
                               f"built-in recipe), got {demo.classes}")
         if data.root:
             log.warning("data.root=%s is ignored for data.source=demo", data.root)
+        only = None
+        if sample is not None:  # every demo image decodes: the draw needs no image to exist
+            lists = demo_lists(demo.classes, demo.train_per_class, demo.test_per_class)
+            only = drawn_paths(_list_index(lists), lists["classes.txt"], sample)
         generate_demo(
             out_dir,
             classes=demo.classes,
@@ -167,6 +183,7 @@ def materialise(data: DataConfig, demo: DemoConfig,
             min_side=demo.min_side,
             max_side=demo.max_side,
             seed=demo.seed,
+            only=only,
         )
         root, index, classes = index_food101(out_dir)
         root_ref = "."  # relative to out_dir: survives moves and DVC experiment workspaces

@@ -43,6 +43,23 @@ def test_same_seed_is_byte_identical_whatever_the_workers(tiny, tmp_path):
     assert not list(tmp_path.glob(".again.tmp-*"))
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_only_the_images_asked_for_are_written(tiny, tmp_path, workers):
+    """``only``: just those images, each the same bytes as in the whole set; the meta lists
+    unchanged (they name every image)."""
+    out, summary = tiny
+    reference = _digests(out)
+    images = sorted(k for k in reference if k.startswith("images/"))
+    only = set(images[::3])
+    part = tmp_path / "part"
+    written = generate_demo(part, seed=7, workers=workers, only=only, **TINY)
+    got = _digests(part)
+    assert {k for k in got if k.startswith("images/")} == only
+    assert all(got[k] == reference[k] for k in got)  # images and meta lists
+    assert written["written"] == len(only) and summary["written"] == len(images)
+    assert written["images"] == summary["images"]  # listed
+
+
 def test_different_seed_gives_different_images(tiny, tmp_path):
     out, _ = tiny
     other = tmp_path / "other"

@@ -52,9 +52,9 @@ def test_imagefolder_errors(tmp_path):
         index_imagefolder(tmp_path, 0.25, 0)
 
 
-def _materialise_and_read(data, demo, out):
+def _materialise_and_read(data, demo, out, sample=None):
     """What the prepare stage does, then what sample reads back."""
-    info, index = materialise(data, demo, out)
+    info, index = materialise(data, demo, out, sample)
     index.write(out / "index.csv")
     info.write(out / "source.json")
     read = SourceInfo.read(out / "source.json")
@@ -72,6 +72,33 @@ def test_materialise_demo_then_load(tmp_path):
     assert info.image_root(out / "source.json") == out.resolve()
     assert len(index) == 18 and len(info.classes) == 3
     assert all((out / p).is_file() for p in index["path"])
+
+
+def test_the_demo_writes_only_what_the_sample_draws(tmp_path):
+    """With the sample's settings the demo writes only the images the sample will draw; the
+    lists still name every image, and the sample drawn from it is the one drawn from every
+    image written (the same files, the same bytes)."""
+    from pipeline.config import SampleConfig
+    from pipeline.data.sampling import draw_sample
+
+    demo = DemoConfig(classes=3, train_per_class=10, test_per_class=6, min_side=40,
+                      max_side=48)
+    cfg = SampleConfig(size=12, test_size=6, unlabeled_size=3, classes="all", seed=7)
+    full, part = tmp_path / "full", tmp_path / "part"
+    _, index_full = _materialise_and_read(DataConfig(), demo, full)
+    _, index_part = _materialise_and_read(DataConfig(), demo, part, cfg)
+    assert index_part.equals(index_full) and len(index_part) == 48  # every image listed
+    written = sorted(str(f.relative_to(part)) for f in (part / "images").rglob("*.jpg"))
+    assert len(written) == 12 + 6 + 3
+    a = draw_sample(full, index_full, sorted(index_full["label"].unique()), cfg, 32)
+    b = draw_sample(part, index_part, sorted(index_part["label"].unique()), cfg, 32)
+    assert a.sample.frame.equals(b.sample.frame) and a.test.frame.equals(b.test.frame)
+    assert a.unlabeled_key.frame.equals(b.unlabeled_key.frame)
+    assert b.report.skipped_count == 0
+    assert sorted([*b.sample.frame["path"], *b.test.frame["path"],
+                   *b.unlabeled_key.frame["source_path"]]) == written
+    for rel in written:
+        assert (part / rel).read_bytes() == (full / rel).read_bytes()
 
 
 def test_materialise_food101_records_absolute_root(tiny_demo, tmp_path):

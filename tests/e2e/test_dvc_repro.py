@@ -112,11 +112,15 @@ def test_inference_batch_size_reruns_predict_only(project):
 
 
 def test_sample_size_experiment(project):
+    """A new draw: the demo writes the photos of that draw (prepare depends on `sample`),
+    then sample draws them, every one readable."""
     repo, env, _ = project
     out = _sh(repo, "dvc", "exp", "run", "-S", "sample.size=40", env=env)
-    assert "Running stage 'sample'" in out and "Running stage 'prepare'" not in out
+    assert "Running stage 'prepare'" in out and "Running stage 'sample'" in out
     report = json.loads((repo / "reports" / "sample.json").read_text())
-    assert report["counts"]["sample"] == 40
+    assert report["counts"]["sample"] == 40 and report["skipped_count"] == 0
+    written = len(list((repo / "data" / "source" / "images").rglob("*.jpg")))
+    assert written == sum(report["counts"].values())
 
 
 def test_ddp_experiment_is_one_run_with_a_version_and_a_decision(project):
