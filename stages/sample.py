@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline import handoffs
 from pipeline.config import Params
-from pipeline.data.sampling import draw_sample
+from pipeline.data.sampling import check_demo_draw, draw_sample
 from stages.common import run_stage
 
 
@@ -18,6 +18,8 @@ def main(params: Params) -> None:
     info = handoffs.SourceInfo.read()
     root = info.image_root()
     index = handoffs.SourceIndex.read(handoffs.SOURCE_INDEX)
+    if info.source == "demo":  # it holds only the photos of the draw prepare was run for
+        check_demo_draw(root, index.frame, list(info.classes), params.sample)
     result = draw_sample(root, index.frame, list(info.classes), params.sample,
                          params.data.image_size)
     result.sample.write(handoffs.SAMPLE_MANIFEST)

@@ -229,6 +229,22 @@ def drawn_paths(index: pd.DataFrame, available_classes: list[str], cfg: SampleCo
     return {*d.sample["path"], *d.test["path"], *d.unlabeled["path"]}
 
 
+def check_demo_draw(root: Path, index: pd.DataFrame, available_classes: list[str],
+                    cfg: SampleConfig) -> None:
+    """The demo source holds only the photos of one draw: a SampleError that says what to run
+    when ``cfg`` draws photos it does not hold (the sample parameters changed and `prepare`
+    did not run again, e.g. `dvc repro --single-item sample`)."""
+    missing = sorted(p for p in drawn_paths(index, available_classes, cfg)
+                     if not (root / p).is_file())
+    if missing:
+        raise SampleError(
+            f"{root} holds the demo photos of another draw: {len(missing)} of the photos "
+            f"these sample parameters draw are not there (e.g. {missing[0]}). The demo "
+            "writes only the photos `sample` draws, so `prepare` runs again when the sample "
+            "parameters change: run `dvc repro` (not `dvc repro --single-item sample`)."
+        )
+
+
 def draw_sample(
     root: Path,
     index: pd.DataFrame,

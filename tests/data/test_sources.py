@@ -78,6 +78,8 @@ def test_the_demo_writes_only_what_the_sample_draws(tmp_path):
     """With the sample's settings the demo writes only the images the sample will draw; the
     lists still name every image, and the sample drawn from it is the one drawn from every
     image written (the same files, the same bytes)."""
+    import dataclasses
+
     from pipeline.config import SampleConfig
     from pipeline.data.sampling import draw_sample
 
@@ -99,6 +101,15 @@ def test_the_demo_writes_only_what_the_sample_draws(tmp_path):
                    *b.unlabeled_key.frame["source_path"]]) == written
     for rel in written:
         assert (part / rel).read_bytes() == (full / rel).read_bytes()
+
+    # Another draw finds photos missing: a message that says what to run, before any work.
+    from pipeline.data.sampling import SampleError, check_demo_draw
+
+    classes = sorted(index_part["label"].unique())
+    check_demo_draw(part, index_part, classes, cfg)  # the draw it was written for
+    check_demo_draw(full, index_full, classes, dataclasses.replace(cfg, seed=8))
+    with pytest.raises(SampleError, match=r"another draw: \d+ of the photos .* run `dvc repro`"):
+        check_demo_draw(part, index_part, classes, dataclasses.replace(cfg, seed=8))
 
 
 def test_materialise_food101_records_absolute_root(tiny_demo, tmp_path):
