@@ -39,6 +39,7 @@ TEST_MANIFEST = MANIFEST_DIR / "test.csv"
 UNLABELED_KEY = MANIFEST_DIR / "unlabeled_key.csv"
 UNLABELED_DIR = Path("data/unlabeled")
 SAMPLE_REPORT = Path("reports/sample.json")
+PREPARE_REPORT = Path("reports/prepare.json")
 RUN_REF = Path("reports/run.json")
 PROMOTION = Path("reports/promotion.json")
 CHAMPION = Path("reports/champion.json")

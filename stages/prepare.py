@@ -1,10 +1,13 @@
 """Stage ``prepare``: materialise the data source.
 
-Params: ``data``, ``demo``, ``sample``. Output: ``data/source/`` (``index.csv`` listing every
+Params: ``data``, ``demo``, ``sample``. Outputs: ``data/source/`` (``index.csv`` listing every
 image with its class and official train/test list, ``source.json``; for ``data.source=demo``
 also the generated Food-101-layout photos: those ``sample`` draws with these ``sample``
-settings, the meta lists naming them all).
+settings, the meta lists naming them all); ``reports/prepare.json`` (what was written, and
+for which draw).
 """
+
+import dataclasses
 
 from pipeline import handoffs
 from pipeline.config import Params
@@ -17,6 +20,15 @@ def main(params: Params) -> None:
     info, index = materialise(params.data, params.demo, handoffs.SOURCE_DIR, params.sample)
     index.write(handoffs.SOURCE_INDEX)
     info.write(handoffs.SOURCE_INFO)
+    demo = params.data.source == "demo"
+    handoffs.write_json(handoffs.PREPARE_REPORT, {
+        "source": params.data.source,
+        "images_listed": len(index.frame),
+        "photos_written": (sum(1 for _ in (handoffs.SOURCE_DIR / "images").rglob("*.jpg"))
+                           if demo else 0),
+        # the draw the demo photos are those of (sample's parameters when prepare ran)
+        "demo_photos_for_sample": dataclasses.asdict(params.sample) if demo else None,
+    })
 
 
 if __name__ == "__main__":

@@ -121,6 +121,9 @@ def test_sample_size_experiment(project):
     assert report["counts"]["sample"] == 40 and report["skipped_count"] == 0
     written = len(list((repo / "data" / "source" / "images").rglob("*.jpg")))
     assert written == sum(report["counts"].values())
+    prepared = json.loads((repo / "reports" / "prepare.json").read_text())
+    assert prepared["photos_written"] == written
+    assert prepared["demo_photos_for_sample"]["size"] == 40
 
 
 def test_ddp_experiment_is_one_run_with_a_version_and_a_decision(project):
