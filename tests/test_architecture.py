@@ -41,7 +41,7 @@ LAYERS = {
     "pipeline.features.cache": 10,
     "pipeline.evaluation": 10,
     "pipeline.plots": 10,
-    "pipeline.data.sources": 11,
+    "pipeline.data.sources": 12,  # the demo writes what sampling will draw
     "pipeline.data.sampling": 11,
     "pipeline.features.extract": 11,
     "pipeline.features.scoring": 12,
