@@ -171,7 +171,6 @@ class Drawn:
     """The three draws of :func:`draw_lists`, and the generator that made them (it goes on
     to name the unlabeled files)."""
 
-    classes: list[str]
     sample: pd.DataFrame  # path, label
     test: pd.DataFrame
     unlabeled: pd.DataFrame
@@ -218,7 +217,7 @@ def draw_lists(index: pd.DataFrame, available_classes: list[str], cfg: SampleCon
         unlabeled = draw_stratified(
             rest, cfg.unlabeled_size, classes, rng, ok("unlabeled"), unlabeled_what,
         ) if cfg.unlabeled_size else no_images
-    return Drawn(classes, sample, test, unlabeled, rng)
+    return Drawn(sample, test, unlabeled, rng)
 
 
 def drawn_paths(index: pd.DataFrame, available_classes: list[str], cfg: SampleConfig

@@ -32,12 +32,9 @@ def inputs_digest(model_uri: str, files: list[Path], batch_size: int) -> str:
     return h.hexdigest()
 
 
-def earlier_predictions(who: registry.ModelRef, files: list[Path], digest: str
-                        ) -> pd.DataFrame | None:
-    """The predictions this version already made of exactly these inputs (its run's
-    ``predict/predictions.csv``, tagged with their digest), or None."""
-    if not who.run_id or tracking.run_tag(who.run_id, INPUTS_TAG) != digest:
-        return None
+def earlier_predictions(who: registry.ModelRef, files: list[Path]) -> pd.DataFrame | None:
+    """The predictions in the run of ``who`` (``predict/predictions.csv``), when they are of
+    ``files``; None without them. The caller has checked the run's digest tag."""
     text = tracking.read_artifact_text(who.run_id, PREDICTIONS_ARTIFACT)
     if text is None:
         return None
@@ -69,14 +66,15 @@ def predict_and_log(
     name, ref = registry_cfg.model_name, predict_cfg.model
     who = registry.resolve(name, ref)  # one lookup, a clear error when missing
     digest = inputs_digest(who.uri, files, predict_cfg.batch_size)
-    out = earlier_predictions(who, files, digest)
+    vouched = tracking.run_tag(who.run_id, INPUTS_TAG) if who.run_id else None
+    out = earlier_predictions(who, files) if vouched == digest else None
     reused = out is not None
     if reused:  # a head-only experiment whose challenger lost: the champion is the same
         log.info("%s v%s already predicted these %d images (the same files and batch size): "
                  "its run's %s is read back, the model is not loaded again", name,
                  who.version, len(files), PREDICTIONS_ARTIFACT)
     else:
-        if who.run_id:  # the tag must never vouch for the predictions about to replace these
+        if vouched is not None:  # it must never vouch for the predictions replacing these
             tracking.delete_tag(who.run_id, INPUTS_TAG)
         preds = run_model.predict_files(who.uri, files, predict_cfg.batch_size)
         out = pd.concat([pd.DataFrame({"file": [f.name for f in files]}),
@@ -101,7 +99,7 @@ def predict_and_log(
         tracking.log_to_run(who.run_id, {"predict_accuracy": metrics["accuracy"]},
                             {"predict_pipeline_run_id": run.run_id},
                             {PREDICTIONS_ARTIFACT: out.to_csv(index=False)})
-        tracking.log_to_run(who.run_id, {}, {INPUTS_TAG: digest}, {})
+        tracking.log_to_run(who.run_id, {}, {INPUTS_TAG: digest}, {})  # after the file
     log.info("predicted %d images with %s (v%s, run %s): accuracy %.4f against the answer "
              "key%s", len(out), name, who.version, who.run_id, metrics["accuracy"],
              f", {errors} unreadable" if errors else "")

@@ -332,9 +332,8 @@ def run_tag(run_id: str, key: str) -> str | None:
 
 
 def delete_tag(run_id: str, key: str) -> None:
-    """Remove a tag from a run, if it has it."""
-    if run_tag(run_id, key) is not None:
-        store_call(f"untag run {run_id}", client().delete_tag, run_id, key)
+    """Remove a tag the run has (``run_tag`` says whether it does)."""
+    store_call(f"untag run {run_id}", client().delete_tag, run_id, key)
 
 
 def read_artifact_text(run_id: str, artifact_file: str) -> str | None:
