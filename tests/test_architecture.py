@@ -39,6 +39,7 @@ LAYERS = {
     "pipeline.distributed": 10,
     "pipeline.data.demo": 10,
     "pipeline.features.cache": 10,
+    "pipeline.features.compiling": 10,
     "pipeline.evaluation": 10,
     "pipeline.plots": 10,
     "pipeline.data.sources": 12,  # the demo writes what sampling will draw

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.compute import Compute
 from pipeline.distributed import Group
 from pipeline.features.cache import FeatureStore, cache_key, verified_digests
+from pipeline.features.compiling import CompilePolicy
 from pipeline.model.imaging import load_image
-from pipeline.model.inference import extract_features, inference_backbone
+from pipeline.model.inference import inference_backbone
 from pipeline.model.network import state_digest
 from pipeline.model.presets import eval_pixels, eval_resize_crop, normalize_batch
 from pipeline.progress import progress
@@ -33,19 +34,12 @@ log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
 FLUSH_EVERY = 2048  # features written to the cache per shard, at most
 
-# Compiling costs seconds (more with a cold inductor cache) and pays back only over thousands
-# of images (docs/gpus.md "The feature cache and `torch.compile`", docs/figures.md; `make
-# bench` measures it): a first run of the default sample extracts 10,000 (train+val in one
-# call); the 1,000-image test set is not worth it.
-COMPILE_MIN_IMAGES = 4000
-
-
 @dataclass(frozen=True)
 class Extraction:
     """How features are extracted. ``image_size``, ``precision`` and the device type decide
     the features (and key the cache); the batch size, decoding workers and ``compile``
-    (``auto``: when at least :data:`COMPILE_MIN_IMAGES` miss; ``always``; ``never``) change
-    only the speed."""
+    (``auto``: when a timed probe says it pays, :mod:`pipeline.features.compiling`;
+    ``always``; ``never``) change only the speed."""
 
     image_size: int
     precision: str
@@ -96,35 +90,6 @@ class _ImageFiles(Dataset):
         return eval_pixels(load_image(self.paths[i], min_side=self.image_size), self.resize_crop)
 
 
-def compiled_backbone(fused: nn.Module, batch_size: int, image_size: int,
-                      precision: str, device: torch.device | str = "cpu") -> nn.Module | None:
-    """``fused`` compiled by torch.compile (inductor, frozen weights, static shapes) and run
-    once on a dummy batch; None, with a warning, where compiling fails (no C++ compiler...).
-
-    Only the execution changes: the compiled graph computes the same features as the eager
-    one (a test compares them), so the cache key does not depend on it.
-    """
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True  # weights become constants: prepacked for oneDNN
-    # A CUDA build of torch on a CPU-only machine warns "No CUDA runtime is found" when
-    # inductor sets up its C++ toolchain; it compiles for the CPU either way.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    t0 = time.perf_counter()
-    try:
-        model = torch.compile(fused, dynamic=False)
-        dummy = normalize_batch(np.zeros((batch_size, image_size, image_size, 3), np.uint8),
-                                device)
-        extract_features(model, dummy, precision)
-    except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, keep going
-        first_line = (str(exc).splitlines() or [""])[0]
-        log.warning("torch.compile failed (%s: %s); extracting without it (set "
-                    "compute.compile=never to skip trying)", type(exc).__name__, first_line)
-        return None
-    log.info("backbone compiled for extraction in %.1f s", time.perf_counter() - t0)
-    return model
-
-
 @dataclass
 class _Extracted:
     """What one process computed: ``digest -> [D]`` features, and how long it took: the
@@ -135,52 +100,42 @@ class _Extracted:
     forward_seconds: float = 0.0
     compiled: bool = False
     compile_seconds: float = 0.0
-
-
-def _model_for(backbone: nn.Module, images: int, how: Extraction
-               ) -> tuple[nn.Module, bool, float]:
-    """The module that extracts ``images`` images: the BatchNorm-folded inference copy of
-    ``backbone``, compiled when ``how.compile`` says so; whether it is, and the seconds."""
-    fused = inference_backbone(backbone, how.device)
-    if how.compile == "never" or (how.compile == "auto" and images < COMPILE_MIN_IMAGES):
-        return fused, False, 0.0
-    t0 = time.perf_counter()
-    faster = compiled_backbone(fused, how.batch_size, how.image_size, how.precision, how.device)
-    if faster is None:
-        return fused, False, time.perf_counter() - t0
-    return faster, True, time.perf_counter() - t0
+    compile_decision: str = ""
 
 
 def _extract(backbone: nn.Module, todo: list[tuple[str, Path]], how: Extraction,
-             store: FeatureStore | None, show: bool) -> _Extracted:
+             store: FeatureStore | None, main: bool) -> _Extracted:
     """Features of the ``(digest, path)`` pairs, written to ``store`` every
-    :data:`FLUSH_EVERY` images; ``show``: a progress bar."""
+    :data:`FLUSH_EVERY` images; ``main`` (the only process, or rank 0 of several): a
+    progress bar, and the machine's compile record is read and updated."""
     out = _Extracted()
     if not todo:
         return out
-    model, out.compiled, out.compile_seconds = _model_for(backbone, len(todo), how)
+    policy = CompilePolicy(inference_backbone(backbone, how.device), len(todo), how.compile,
+                           how.device, how.precision, how.image_size, how.batch_size,
+                           record=main)
     loader = DataLoader(_ImageFiles([p for _, p in todo], how.image_size),
                         batch_size=how.batch_size, **loader_options(how.num_workers, how.device))
     pending_d: list[str] = []
     pending_f: list[np.ndarray] = []
     t0 = time.perf_counter()
-    with progress(len(todo), "features", disable=not show) as bar:
+    with progress(len(todo), "features", disable=not main) as bar:
         done = 0
         for pixels in loader:
             n = len(pixels)
-            x = normalize_batch(pixels, how.device)
-            if out.compiled and n < how.batch_size:  # the compiled graph has a static batch
-                x = torch.cat([x, x.new_zeros((how.batch_size - n, *x.shape[1:]))])
-            t1 = time.perf_counter()
-            pending_f.append(extract_features(model, x, how.precision)[:n].cpu().numpy())
-            out.forward_seconds += time.perf_counter() - t1  # .cpu() waits for the device
+            feats, seconds = policy.forward(normalize_batch(pixels, how.device), n)
+            pending_f.append(feats)
+            out.forward_seconds += seconds
             pending_d += [d for d, _ in todo[done : done + n]]
             done += n
             if len(pending_d) >= FLUSH_EVERY:
                 _keep(out, store, pending_d, pending_f)
                 pending_d, pending_f = [], []
             bar.update(n)
-    out.seconds = time.perf_counter() - t0
+    out.seconds = time.perf_counter() - t0 - policy.compile_seconds_in_loop
+    policy.finish()
+    out.compiled, out.compile_seconds = policy.compiled, policy.compile_seconds
+    out.compile_decision = policy.decision
     if pending_d:
         _keep(out, store, pending_d, pending_f)
     return out
@@ -236,7 +191,7 @@ def compute_features(
         group.barrier()
     mine = todo if group is None else todo[group.rank :: group.world_size]
     run = _extract(backbone, [(d, paths[i]) for d, i in mine], how, store,
-                   show=group is None or group.is_main)
+                   main=group is None or group.is_main)
     computed = run.features
     if group is not None and todo:
         t0 = time.perf_counter()
@@ -259,6 +214,7 @@ def compute_features(
         "processes": 1 if group is None else group.world_size,
         "compiled": run.compiled,
         "compile_seconds": round(run.compile_seconds, 2),
+        "compile_decision": run.compile_decision,
         "seconds": round(time.perf_counter() - start, 2),
     }
     log.info(

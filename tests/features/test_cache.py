@@ -91,7 +91,7 @@ def test_extracted_features_are_held_once(tiny_demo, tmp_path, backbone, monkeyp
     store = FeatureStore(tmp_path, cache_key("resnet50", state_digest(backbone), 32, "fp32"))
     todo = [(f"digest-{i}", p) for i, p in enumerate(paths)]
     out = extract._extract(backbone, todo, Extraction(32, "fp32", batch_size=4, num_workers=0),
-                           store, show=False)
+                           store, main=False)
     assert len(out.features) == 20 and len(list(store.dir.glob("shard-*.npz"))) == 3
     for digest, _ in todo:
         assert np.shares_memory(out.features[digest], store.get(digest)), digest

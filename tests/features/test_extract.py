@@ -51,10 +51,10 @@ def test_compile_failure_falls_back_to_eager(tiny_demo, monkeypatch, caplog, bac
 def test_forward_seconds_are_a_part_of_the_loop(tiny_demo, backbone, monkeypatch):
     """The stats split the loop into forward passes and the rest (decoding): `make bench`
     counts only the first as the network's work."""
-    import pipeline.features.extract as extract
+    import pipeline.features.compiling as compiling
 
-    real = extract.extract_features
-    monkeypatch.setattr(extract, "extract_features",
+    real = compiling.extract_features
+    monkeypatch.setattr(compiling, "extract_features",
                         lambda *a: (__import__("time").sleep(0.2), real(*a))[1])
     _, stats = compute_features(backbone, _paths(tiny_demo), _how(compile="never"))
     assert stats["forward_seconds"] >= 2 * 0.2  # two batches of 4 and 2

@@ -1,0 +1,260 @@
+"""Whether ``torch.compile`` pays for an extraction, decided by measurement.
+
+``compute.compile: auto`` extracts the first batches eagerly (a probe: real work, nothing is
+thrown away), times their forward passes, and compiles for the rest only when the time the
+compiled graph would save on the images left exceeds what compiling costs. What compiling
+costs and how much faster the compiled graph runs come from this machine's record: every
+extraction notes its eager and compiled forward time per image and every compile its seconds
+(the first in an inductor cache "cold", later ones "warm": inductor reuses the cached
+kernels). The record lives inside inductor's own cache folder, so a wiped cache forgets its
+compile costs too. Where nothing is measured yet, the priors below (measured on 2-core CPUs,
+docs/figures.md) stand in.
+
+``always`` compiles before the first batch, ``never`` never does; all three update the record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.model.inference import extract_features
+from pipeline.model.presets import normalize_batch
+
+log = logging.getLogger(__name__)
+
+PROBE_BATCHES = 3  # timed eager batches before deciding (after one untimed warm-up batch)
+# Where this machine has measured nothing yet (docs/figures.md, "Speed on a CPU"):
+PRIOR_RATIO = 0.8  # compiled / eager forward time: 97-102 vs 78-83 img/s fp32, ~0.72 bf16
+PRIOR_COLD_SECONDS = {"cpu": 15.0, "cuda": 60.0}  # first compile: 11-17 s, 13.9 s on CPUs;
+# on a GPU not measured yet (scripts/gpu_check.sh), so a cautious guess
+PRIOR_WARM_FRACTION = 0.3  # a warm compile / a cold one: 3-5 of 11-17 s, 3.3-4.0 of 13.9 s
+RECORD_NAME = "food101-pipeline-compile.json"
+
+
+def machine_key(device: torch.device, precision: str, image_size: int, batch_size: int) -> str:
+    """What the measurements depend on: the processor (and threads) or GPU, torch, the
+    precision and the (static) input shape."""
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{_cpu_model()} x{torch.get_num_threads()} threads"
+    return f"{where} | torch {torch.__version__} | {precision} | {batch_size}x{image_size}px"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def record_path() -> Path:
+    """The record, inside inductor's cache folder (``TORCHINDUCTOR_CACHE_DIR`` or its
+    default), so that it is forgotten with the compiled kernels whose cost it notes."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / RECORD_NAME
+
+
+@dataclass
+class Measured:
+    """One key's measurements (seconds); None where not measured yet."""
+
+    eager_per_image: float | None = None
+    compiled_per_image: float | None = None
+    cold_compile: float | None = None
+    warm_compile: float | None = None
+    compiles: int = 0
+
+
+def load_record(path: Path, key: str) -> Measured:
+    try:
+        entry = json.loads(path.read_text()).get(key, {})
+        return Measured(**{k: v for k, v in entry.items() if k in Measured.__dataclass_fields__})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return Measured()  # none yet, or unreadable: the priors stand in
+
+
+def save_record(path: Path, key: str, measured: Measured) -> None:
+    """Merge ``measured`` into the record (atomically); a folder that cannot be written
+    only costs the next run its measurements."""
+    try:
+        try:
+            record = json.loads(path.read_text())
+            record = record if isinstance(record, dict) else {}
+        except (OSError, ValueError):
+            record = {}
+        record[key] = asdict(measured)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("could not write the compile record %s: %s", path, exc)
+
+
+@dataclass(frozen=True)
+class Decision:
+    compile: bool
+    saving: float  # seconds the compiled graph would save on the images left
+    cost: float  # seconds compiling would take
+    why: str
+
+
+def decide(images_left: int, eager_per_image: float, measured: Measured,
+           device_type: str) -> Decision:
+    """Compile when the expected saving on ``images_left`` exceeds the expected cost."""
+    if measured.eager_per_image and measured.compiled_per_image:
+        ratio = measured.compiled_per_image / measured.eager_per_image
+        ratio_from = "measured"
+    else:
+        ratio, ratio_from = PRIOR_RATIO, "prior"
+    cold = measured.cold_compile or PRIOR_COLD_SECONDS.get(device_type, 60.0)
+    if measured.compiles == 0:
+        cost, cost_from = cold, "cold, " + ("measured" if measured.cold_compile else "prior")
+    elif measured.warm_compile:
+        cost, cost_from = measured.warm_compile, "warm, measured"
+    else:
+        cost, cost_from = cold * PRIOR_WARM_FRACTION, "warm, prior"
+    saving = images_left * eager_per_image * max(0.0, 1.0 - ratio)
+    why = (f"compiling would save ~{saving:.1f} s on {images_left} images (eager "
+           f"{eager_per_image * 1e3:.2f} ms an image, compiled x{ratio:.2f} {ratio_from}) "
+           f"and cost ~{cost:.1f} s ({cost_from})")
+    return Decision(saving > cost, saving, cost, why)
+
+
+def compiled_backbone(fused: nn.Module, batch_size: int, image_size: int,
+                      precision: str, device: torch.device | str = "cpu") -> nn.Module | None:
+    """``fused`` compiled by torch.compile (inductor, frozen weights, static shapes) and run
+    once on a dummy batch; None, with a warning, where compiling fails (no C++ compiler...).
+
+    Only the execution changes: the compiled graph computes the same features as the eager
+    one (a test compares them), so the cache key does not depend on it.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # weights become constants: prepacked for oneDNN
+    # A CUDA build of torch on a CPU-only machine warns "No CUDA runtime is found" when
+    # inductor sets up its C++ toolchain; it compiles for the CPU either way.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    t0 = time.perf_counter()
+    try:
+        model = torch.compile(fused, dynamic=False)
+        dummy = normalize_batch(np.zeros((batch_size, image_size, image_size, 3), np.uint8),
+                                device)
+        extract_features(model, dummy, precision)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, keep going
+        first_line = (str(exc).splitlines() or [""])[0]
+        log.warning("torch.compile failed (%s: %s); extracting without it (set "
+                    "compute.compile=never to skip trying)", type(exc).__name__, first_line)
+        return None
+    log.info("backbone compiled for extraction in %.1f s", time.perf_counter() - t0)
+    return model
+
+
+@dataclass
+class CompilePolicy:
+    """The model one extraction runs, batch by batch: eager, then compiled when (and if)
+    ``policy`` says so; it times the forward passes and updates the machine's record."""
+
+    fused: nn.Module
+    images: int
+    policy: str  # auto | always | never
+    device: torch.device
+    precision: str
+    image_size: int
+    batch_size: int
+    record: bool = True  # read and update the machine's record (one process of several: no)
+    model: nn.Module = field(init=False)
+    compiled: bool = field(default=False, init=False)
+    compile_seconds: float = field(default=0.0, init=False)
+    compile_seconds_in_loop: float = field(default=0.0, init=False)  # after the probe
+    decision: str = field(default="", init=False)
+    _key: str = field(default="", init=False)
+    _measured: Measured = field(default_factory=Measured, init=False)
+    _batches: int = field(default=0, init=False)
+    _done: int = field(default=0, init=False)
+    _eager: list[float] = field(default_factory=list, init=False)  # s/image, full batches
+    _fast: list[float] = field(default_factory=list, init=False)
+    _undecided: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.model = self.fused
+        self._key = machine_key(self.device, self.precision, self.image_size, self.batch_size)
+        if self.record:
+            self._measured = load_record(record_path(), self._key)
+        if self.policy == "always":
+            self.decision = "compute.compile=always"
+            self._compile()
+        elif self.policy == "never":
+            self.decision = "compute.compile=never"
+        elif self.images <= (1 + PROBE_BATCHES) * self.batch_size:
+            self.decision = f"eager: {self.images} images are no more than the probe"
+        else:
+            self._undecided = True
+
+    def forward(self, x: torch.Tensor, n: int) -> tuple[np.ndarray, float]:
+        """Features of the ``n`` real images of batch ``x`` (padded here for a compiled
+        graph's static batch) and the seconds of the forward pass."""
+        if self.compiled and len(x) < self.batch_size:
+            x = torch.cat([x, x.new_zeros((self.batch_size - len(x), *x.shape[1:]))])
+        t0 = time.perf_counter()
+        feats = extract_features(self.model, x, self.precision)[:n].cpu().numpy()
+        seconds = time.perf_counter() - t0  # .cpu() waits for the device
+        self._batches += 1
+        self._done += n
+        if n == self.batch_size:
+            if self.compiled:
+                self._fast.append(seconds / n)
+            elif self._batches > 1:  # the first eager batch sets up kernels: not timed
+                self._eager.append(seconds / n)
+        if self._undecided and len(self._eager) >= PROBE_BATCHES:
+            self._undecided = False
+            d = decide(self.images - self._done, float(np.median(self._eager)),
+                       self._measured, self.device.type)
+            self.decision = ("compiled: " if d.compile else "eager: ") + d.why
+            log.info("torch.compile: %s", self.decision)
+            if d.compile:
+                self._compile()
+                self.compile_seconds_in_loop = self.compile_seconds
+        return feats, seconds
+
+    def _compile(self) -> None:
+        t0 = time.perf_counter()
+        faster = compiled_backbone(self.fused, self.batch_size, self.image_size,
+                                   self.precision, self.device)
+        self.compile_seconds = time.perf_counter() - t0
+        if faster is not None:
+            self.model, self.compiled = faster, True
+            m = self._measured
+            if m.compiles == 0:
+                m.cold_compile = self.compile_seconds
+            else:
+                m.warm_compile = self.compile_seconds
+            m.compiles += 1
+
+    def finish(self) -> None:
+        """Note what this extraction measured in the machine's record."""
+        if not self.record:
+            return
+        m = self._measured
+        if self._eager:
+            m.eager_per_image = float(np.median(self._eager))
+        if self._fast:
+            m.compiled_per_image = float(np.median(self._fast))
+        if self._eager or self._fast or self.compiled:
+            save_record(record_path(), self._key, m)

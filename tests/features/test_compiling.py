@@ -1,0 +1,138 @@
+"""`compute.compile: auto` compiles only where a timed probe and the machine's record say it
+pays; every extraction notes what it measured."""
+
+import json
+
+import pytest
+import torch
+
+import pipeline.features.compiling as compiling
+from pipeline.features.compiling import (
+    PRIOR_COLD_SECONDS,
+    PRIOR_RATIO,
+    PRIOR_WARM_FRACTION,
+    PROBE_BATCHES,
+    Measured,
+    decide,
+    load_record,
+    machine_key,
+    save_record,
+)
+from pipeline.features.extract import Extraction, compute_features
+
+KEY_ARGS = (torch.device("cpu"), "fp32", 32, 4)  # what _how() below extracts with
+
+
+@pytest.fixture(autouse=True)
+def _own_inductor_cache(tmp_path, monkeypatch):
+    """The record lives in inductor's cache folder: each test its own."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+
+def _how(**settings):
+    return Extraction(32, "fp32", **{"batch_size": 4, "num_workers": 0, **settings})
+
+
+def _paths(tiny_demo, n):
+    return sorted((tiny_demo / "images").rglob("*.jpg"))[:n]
+
+
+def test_without_measurements_the_priors_decide():
+    """A cold compile (the first on the machine) must be paid back by the prior speed-up."""
+    cold = PRIOR_COLD_SECONDS["cpu"]
+    per_image = 0.01
+    enough = int(cold / (per_image * (1 - PRIOR_RATIO))) + 10
+    assert decide(enough, per_image, Measured(), "cpu").compile
+    assert not decide(enough - 20, per_image, Measured(), "cpu").compile
+    warm = decide(enough, per_image, Measured(compiles=1), "cpu")  # compiled once: warm now
+    assert warm.cost == pytest.approx(cold * PRIOR_WARM_FRACTION)
+
+
+def test_measurements_replace_the_priors():
+    measured = Measured(eager_per_image=0.004, compiled_per_image=0.003, cold_compile=14.0,
+                        warm_compile=3.5, compiles=2)
+    d = decide(10_000, 0.004, measured, "cpu")  # saves 10,000 x 1 ms = 10 s against 3.5 s
+    assert d.compile and d.saving == pytest.approx(10.0) and d.cost == 3.5
+    assert "measured" in d.why and "warm" in d.why
+    assert not decide(3_000, 0.004, measured, "cpu").compile  # 3 s against 3.5 s
+    # no faster when compiled (as measured): never worth it
+    assert not decide(10**7, 0.004, Measured(0.004, 0.0041, 1.0, 1.0, 2), "cpu").compile
+
+
+def test_the_record_round_trips_and_survives_garbage(tmp_path):
+    path = tmp_path / "r.json"
+    assert load_record(path, "k") == Measured()  # none yet
+    save_record(path, "k", Measured(0.004, 0.003, 14.0, None, 1))
+    save_record(path, "other", Measured(compiles=3))
+    assert load_record(path, "k") == Measured(0.004, 0.003, 14.0, None, 1)
+    assert load_record(path, "other").compiles == 3
+    path.write_text("{not json")
+    assert load_record(path, "k") == Measured()  # unreadable: the priors stand in
+    save_record(path, "k", Measured(compiles=1))  # and it is written anew
+    assert json.loads(path.read_text())["k"]["compiles"] == 1
+
+
+def _fake_compile(calls):
+    """torch.compile stands in as the eager module itself (compiling takes seconds)."""
+
+    def compiled_backbone(fused, *args, **kwargs):
+        calls.append(args)
+        return fused
+
+    return compiled_backbone
+
+
+def _record(measured: Measured) -> None:
+    save_record(compiling.record_path(), machine_key(*KEY_ARGS), measured)
+
+
+def test_auto_probes_eagerly_then_compiles_when_the_record_says_it_pays(
+        tiny_demo, backbone, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compiling, "compiled_backbone", _fake_compile(calls))
+    # measured earlier on this machine: compiled runs 10x faster, a warm compile is instant
+    _record(Measured(eager_per_image=1.0, compiled_per_image=0.1, cold_compile=1e-6,
+                     warm_compile=1e-6, compiles=1))
+    feats, stats = compute_features(backbone, _paths(tiny_demo, 42), _how(compile="auto"))
+    assert len(calls) == 1 and stats["compiled"]
+    assert stats["compile_decision"].startswith("compiled: compiling would save")
+    after = load_record(compiling.record_path(), machine_key(*KEY_ARGS))
+    assert after.compiles == 2 and after.compiled_per_image not in (None, 0.1)  # re-measured
+    assert after.eager_per_image not in (None, 1.0)
+    # the probe's batches and the (padded) batches after it are the features of every image
+    eager, _ = compute_features(backbone, _paths(tiny_demo, 42), _how(compile="never"))
+    torch.testing.assert_close(torch.from_numpy(feats), torch.from_numpy(eager))
+
+
+def test_auto_stays_eager_when_compiling_costs_more_than_it_saves(
+        tiny_demo, backbone, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compiling, "compiled_backbone", _fake_compile(calls))
+    _record(Measured(eager_per_image=1.0, compiled_per_image=0.9, cold_compile=1e6,
+                     warm_compile=1e6, compiles=1))
+    _, stats = compute_features(backbone, _paths(tiny_demo, 40), _how(compile="auto"))
+    assert calls == [] and not stats["compiled"]
+    assert stats["compile_decision"].startswith("eager: compiling would save")
+    after = load_record(compiling.record_path(), machine_key(*KEY_ARGS))
+    assert after.compiles == 1 and after.eager_per_image != 1.0  # the probe's measurement
+
+
+def test_auto_does_not_probe_what_the_probe_would_cover(tiny_demo, backbone, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compiling, "compiled_backbone", _fake_compile(calls))
+    _record(Measured(1.0, 0.1, 1e-6, 1e-6, 1))  # it would pay, were there images left
+    n = (1 + PROBE_BATCHES) * 4
+    _, stats = compute_features(backbone, _paths(tiny_demo, n), _how(compile="auto"))
+    assert calls == [] and "no more than the probe" in stats["compile_decision"]
+
+
+def test_always_compiles_first_and_notes_a_cold_then_a_warm_compile(
+        tiny_demo, backbone, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compiling, "compiled_backbone", _fake_compile(calls))
+    for _ in range(2):
+        _, stats = compute_features(backbone, _paths(tiny_demo, 8), _how(compile="always"))
+        assert stats["compiled"] and stats["compile_decision"] == "compute.compile=always"
+    after = load_record(compiling.record_path(), machine_key(*KEY_ARGS))
+    assert len(calls) == 2 and after.compiles == 2
+    assert after.cold_compile is not None and after.warm_compile is not None
