@@ -30,6 +30,16 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "true")
 db_utils._get_latest_schema_revision = functools.cache(db_utils._get_latest_schema_revision)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_compile_record(tmp_path_factory):
+    """Extractions note their speed in a machine-wide record (pipeline/features/compiling.py):
+    the tests' tiny images note theirs apart, and stages they start inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FOOD101_COMPILE_RECORD",
+                  str(tmp_path_factory.mktemp("compile") / "record.json"))
+        yield
+
+
 def _end_runs() -> None:
     while mlflow.active_run():
         mlflow.end_run()

@@ -24,9 +24,15 @@ KEY_ARGS = (torch.device("cpu"), "fp32", 32, 4)  # what _how() below extracts wi
 
 
 @pytest.fixture(autouse=True)
-def _own_inductor_cache(tmp_path, monkeypatch):
-    """The record lives in inductor's cache folder: each test its own."""
+def _own_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("FOOD101_COMPILE_RECORD", str(tmp_path / "record.json"))
+
+
+def test_the_record_lives_in_inductors_cache_folder(tmp_path, monkeypatch):
+    """A wiped inductor cache (whose kernels make a compile warm) forgets the costs too."""
+    monkeypatch.delenv("FOOD101_COMPILE_RECORD")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert compiling.record_path() == tmp_path / "inductor" / compiling.RECORD_NAME
 
 
 def _how(**settings):
