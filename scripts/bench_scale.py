@@ -69,7 +69,10 @@ def rows(path: Path) -> int:
 def images(clone: Path, stage: str) -> int:
     """How many images the stage handled (from the files it wrote)."""
     m = clone / "data" / "manifests"
-    if stage == "prepare":
+    if stage == "prepare":  # the photos it wrote (the demo writes only what the sample draws)
+        report = clone / "reports" / "prepare.json"
+        if report.exists():
+            return json.loads(report.read_text())["photos_written"]
         return rows(clone / "data" / "source" / "index.csv")
     if stage == "sample":
         return sum(rows(m / f"{n}.csv") for n in ("sample", "test", "unlabeled_key"))

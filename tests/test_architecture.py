@@ -37,6 +37,7 @@ LAYERS = {
     "pipeline.handoffs": 9,
     "pipeline.compute": 9,
     "pipeline.distributed": 10,
+    "pipeline.data.drawing": 1,
     "pipeline.data.demo": 10,
     "pipeline.features.cache": 10,
     "pipeline.features.compiling": 10,

@@ -163,7 +163,8 @@ def materialise(data: DataConfig, demo: DemoConfig, out_dir: Path,
     """
     start = time.perf_counter()
     if data.source == "demo":
-        from pipeline.data.demo import MAX_CLASSES, demo_lists, generate_demo
+        from pipeline.data.demo import demo_lists, generate_demo
+        from pipeline.data.drawing import MAX_CLASSES
         from pipeline.data.sampling import drawn_paths
 
         if demo.classes > MAX_CLASSES:

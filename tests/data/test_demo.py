@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.data.demo import MAX_CLASSES, RECIPES, class_names, generate_demo
+from pipeline.data.demo import generate_demo
+from pipeline.data.drawing import MAX_CLASSES, RECIPES, class_names
 
 TINY = dict(classes=3, train_per_class=4, test_per_class=2, min_side=48, max_side=64)
 FIRST_24_SHA256_16 = "18228f4f18bd710f"  # the recipe names of the 24-class demo, in order
