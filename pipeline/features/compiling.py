@@ -181,7 +181,7 @@ class CompilePolicy:
     precision: str
     image_size: int
     batch_size: int
-    record: bool = True  # read and update the machine's record (one process of several: no)
+    note: bool = True  # update the machine's record (of several processes, only the first)
     model: nn.Module = field(init=False)
     compiled: bool = field(default=False, init=False)
     compile_seconds: float = field(default=0.0, init=False)
@@ -198,8 +198,7 @@ class CompilePolicy:
     def __post_init__(self) -> None:
         self.model = self.fused
         self._key = machine_key(self.device, self.precision, self.image_size, self.batch_size)
-        if self.record:
-            self._measured = load_record(record_path(), self._key)
+        self._measured = load_record(record_path(), self._key)
         if self.policy == "always":
             self.decision = "compute.compile=always"
             self._compile()
@@ -241,7 +240,9 @@ class CompilePolicy:
         faster = compiled_backbone(self.fused, self.batch_size, self.image_size,
                                    self.precision, self.device)
         self.compile_seconds = time.perf_counter() - t0
-        if faster is not None:
+        if faster is None:
+            self.decision += " (compiling failed: eager)"
+        else:
             self.model, self.compiled = faster, True
             m = self._measured
             if m.compiles == 0:
@@ -252,7 +253,7 @@ class CompilePolicy:
 
     def finish(self) -> None:
         """Note what this extraction measured in the machine's record."""
-        if not self.record:
+        if not self.note:
             return
         m = self._measured
         if self._eager:

@@ -107,13 +107,13 @@ def _extract(backbone: nn.Module, todo: list[tuple[str, Path]], how: Extraction,
              store: FeatureStore | None, main: bool) -> _Extracted:
     """Features of the ``(digest, path)`` pairs, written to ``store`` every
     :data:`FLUSH_EVERY` images; ``main`` (the only process, or rank 0 of several): a
-    progress bar, and the machine's compile record is read and updated."""
+    progress bar, and it notes its speed in the machine's compile record."""
     out = _Extracted()
     if not todo:
         return out
     policy = CompilePolicy(inference_backbone(backbone, how.device), len(todo), how.compile,
                            how.device, how.precision, how.image_size, how.batch_size,
-                           record=main)
+                           note=main)
     loader = DataLoader(_ImageFiles([p for _, p in todo], how.image_size),
                         batch_size=how.batch_size, **loader_options(how.num_workers, how.device))
     pending_d: list[str] = []

@@ -44,6 +44,7 @@ def test_compile_failure_falls_back_to_eager(tiny_demo, monkeypatch, caplog, bac
     with caplog.at_level(logging.WARNING, logger="pipeline.features.extract"):
         feats, stats = compute_features(backbone, _paths(tiny_demo), _how(compile="always"))
     assert not stats["compiled"] and "torch.compile failed" in caplog.text
+    assert stats["compile_decision"] == "compute.compile=always (compiling failed: eager)"
     eager, _ = compute_features(backbone, _paths(tiny_demo), _how(compile="never"))
     np.testing.assert_array_equal(feats, eager)
 
