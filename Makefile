@@ -52,8 +52,8 @@ bench: $(STAMP)
 	$(PY) scripts/benchmark.py
 
 # The real pipeline, stage by stage, in scratch clones at ~1,000, 10,000 and Food-101's
-# full size (about an hour on 2 CPU cores): time per image, peak RSS, disk added; writes
-# docs/scale/bench_scale.{csv,png}. SIZES=1k,10k for the two small ones.
+# full size (14-25 min on 2 CPU cores, docs/figures.md): time per image, peak RSS, disk
+# added; writes docs/scale/bench_scale.{csv,png}. SIZES=1k,10k for the two small ones.
 SIZES ?= 1k,10k,full
 bench-scale: $(STAMP)
 	$(PY) scripts/bench_scale.py --sizes $(SIZES)

@@ -9,8 +9,9 @@ Markdown table and the three figures of issue 17 (time per image at full size wi
 10,000; peak RSS <= 4 GB; no-op `dvc repro` <= 10 s).
 
     .venv/bin/python scripts/bench_scale.py [--sizes 1k,10k,full] [--out docs/scale]
-    make bench-scale   # the same, all three sizes (the full size takes about an hour on
-                       # 2 CPU cores: demo generation, DVC hashing, 101,000 forward passes)
+    make bench-scale   # the same, all three sizes (14-25 min in all on 2 CPU cores, most
+                       # of it the full size: demo generation, DVC hashing, 101,000 forward
+                       # passes)
 
 The clones use this repository's committed HEAD and its .venv (VIRTUAL_ENV); they are
 deleted afterwards unless --keep.
