@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.model.devices import device_name
 from pipeline.model.inference import extract_features
 from pipeline.model.presets import normalize_batch
 
@@ -43,23 +44,10 @@ RECORD_NAME = "food101-pipeline-compile.json"
 def machine_key(device: torch.device, precision: str, image_size: int, batch_size: int) -> str:
     """What the measurements depend on: the processor (and threads) or GPU, torch, the
     precision and the (static) input shape."""
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        where = f"{_cpu_model()} x{torch.get_num_threads()} threads"
+    where = device_name(device)
+    if device.type == "cpu":
+        where += f" x{torch.get_num_threads()} threads"
     return f"{where} | torch {torch.__version__} | {precision} | {batch_size}x{image_size}px"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def record_path() -> Path:
