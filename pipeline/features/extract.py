@@ -125,10 +125,14 @@ def _extract(backbone: nn.Module, todo: list[tuple[str, Path]], how: Extraction,
             n = len(pixels)
             feats, seconds = policy.forward(normalize_batch(pixels, how.device), n)
             pending_f.append(feats)
+            if policy.redone is not None:  # compiled after the probe: its batches too
+                pending_f[: len(policy.redone)] = policy.redone
+                policy.redone = None
             out.forward_seconds += seconds
             pending_d += [d for d, _ in todo[done : done + n]]
             done += n
-            if len(pending_d) >= FLUSH_EVERY:
+            # nothing is kept while probing: the probe's features may yet be redone
+            if len(pending_d) >= FLUSH_EVERY and not policy.deciding:
                 _keep(out, store, pending_d, pending_f)
                 pending_d, pending_f = [], []
             bar.update(n)

@@ -78,12 +78,22 @@ def test_the_record_round_trips_and_survives_garbage(tmp_path):
     assert json.loads(path.read_text())["k"]["compiles"] == 1
 
 
-def _fake_compile(calls):
-    """torch.compile stands in as the eager module itself (compiling takes seconds)."""
+class _Shifted(torch.nn.Module):
+    """A stand-in for the compiled graph (compiling takes seconds) whose features are told
+    apart from the eager ones: the eager features + 1."""
 
+    def __init__(self, fused):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, x):
+        return self.fused(x) + 1.0
+
+
+def _fake_compile(calls):
     def compiled_backbone(fused, *args, **kwargs):
         calls.append(args)
-        return fused
+        return _Shifted(fused)
 
     return compiled_backbone
 
@@ -105,9 +115,10 @@ def test_auto_probes_eagerly_then_compiles_when_the_record_says_it_pays(
     after = load_record(compiling.record_path(), machine_key(*KEY_ARGS))
     assert after.compiles == 2 and after.compiled_per_image not in (None, 0.1)  # re-measured
     assert after.eager_per_image not in (None, 1.0)
-    # the probe's batches and the (padded) batches after it are the features of every image
+    # every feature, the probe's batches included, comes from the compiled graph (eager + 1
+    # here); the last batch of 2 was padded to its static batch of 4
     eager, _ = compute_features(backbone, _paths(tiny_demo, 42), _how(compile="never"))
-    torch.testing.assert_close(torch.from_numpy(feats), torch.from_numpy(eager))
+    torch.testing.assert_close(torch.from_numpy(feats), torch.from_numpy(eager) + 1.0)
 
 
 def test_auto_stays_eager_when_compiling_costs_more_than_it_saves(
@@ -116,11 +127,35 @@ def test_auto_stays_eager_when_compiling_costs_more_than_it_saves(
     monkeypatch.setattr(compiling, "compiled_backbone", _fake_compile(calls))
     _record(Measured(eager_per_image=1.0, compiled_per_image=0.9, cold_compile=1e6,
                      warm_compile=1e6, compiles=1))
-    _, stats = compute_features(backbone, _paths(tiny_demo, 40), _how(compile="auto"))
+    feats, stats = compute_features(backbone, _paths(tiny_demo, 40), _how(compile="auto"))
     assert calls == [] and not stats["compiled"]
     assert stats["compile_decision"].startswith("eager: compiling would save")
     after = load_record(compiling.record_path(), machine_key(*KEY_ARGS))
     assert after.compiles == 1 and after.eager_per_image != 1.0  # the probe's measurement
+    eager, _ = compute_features(backbone, _paths(tiny_demo, 40), _how(compile="never"))
+    torch.testing.assert_close(torch.from_numpy(feats), torch.from_numpy(eager))
+
+
+def test_the_cache_keeps_the_compiled_features_of_the_probe(tiny_demo, backbone, monkeypatch,
+                                                             tmp_path):
+    """Nothing reaches the cache while probing: the probe's eager features, computed again
+    by the compiled graph, are replaced before they are kept."""
+    from pipeline.features import extract
+    from pipeline.features.cache import FeatureStore, cache_key
+    from pipeline.model.network import state_digest
+
+    monkeypatch.setattr(extract, "FLUSH_EVERY", 4)  # a shard a batch, were it not probing
+    monkeypatch.setattr(compiling, "compiled_backbone", _fake_compile([]))
+    _record(Measured(1.0, 0.1, 1e-6, 1e-6, 1))
+    store = FeatureStore(tmp_path, cache_key("resnet50", state_digest(backbone), 32, "fp32"))
+    paths = _paths(tiny_demo, 42)
+    feats, stats = compute_features(backbone, paths, _how(compile="auto"), store=store)
+    assert stats["compiled"]
+    eager, _ = compute_features(backbone, paths, _how(compile="never"))
+    torch.testing.assert_close(torch.from_numpy(feats), torch.from_numpy(eager) + 1.0)
+    again, hits = compute_features(backbone, paths, _how(compile="never"), store=store)
+    assert hits["cache_hits"] == 42
+    torch.testing.assert_close(torch.from_numpy(again), torch.from_numpy(feats))
 
 
 def test_auto_does_not_probe_what_the_probe_would_cover(tiny_demo, backbone, monkeypatch):
