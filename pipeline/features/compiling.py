@@ -70,6 +70,9 @@ class Measured:
     cold_compile: float | None = None
     warm_compile: float | None = None
     compiles: int = 0
+    # compiled / eager, both timed in one extraction (an auto one that compiled after its
+    # probe): the same load on the machine, unlike the two per-image figures from different runs
+    ratio: float | None = None
 
 
 def load_record(path: Path, key: str) -> Measured:
@@ -109,9 +112,11 @@ class Decision:
 def decide(images_left: int, eager_per_image: float, measured: Measured,
            device_type: str) -> Decision:
     """Compile when the expected saving on ``images_left`` exceeds the expected cost."""
-    if measured.eager_per_image and measured.compiled_per_image:
+    if measured.ratio:
+        ratio, ratio_from = measured.ratio, "measured"
+    elif measured.eager_per_image and measured.compiled_per_image:
         ratio = measured.compiled_per_image / measured.eager_per_image
-        ratio_from = "measured"
+        ratio_from = "measured apart"
     else:
         ratio, ratio_from = PRIOR_RATIO, "prior"
     cold = measured.cold_compile or PRIOR_COLD_SECONDS.get(device_type, 60.0)
@@ -275,5 +280,7 @@ class CompilePolicy:
             m.eager_per_image = float(np.median(self._eager))
         if self._fast:
             m.compiled_per_image = float(np.median(self._fast))
+        if self._eager and self._fast:
+            m.ratio = m.compiled_per_image / m.eager_per_image
         if self._eager or self._fast or self.compiled:
             save_record(record_path(), self._key, m)

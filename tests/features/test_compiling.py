@@ -63,6 +63,10 @@ def test_measurements_replace_the_priors():
     assert not decide(3_000, 0.004, measured, "cpu").compile  # 3 s against 3.5 s
     # no faster when compiled (as measured): never worth it
     assert not decide(10**7, 0.004, Measured(0.004, 0.0041, 1.0, 1.0, 2), "cpu").compile
+    # a ratio timed within one extraction wins over figures from two runs (another load)
+    both = Measured(0.004, 0.001, 14.0, 3.5, 2, ratio=0.75)
+    assert decide(10_000, 0.004, both, "cpu").saving == pytest.approx(10.0)
+    assert "x0.75 measured" in decide(10_000, 0.004, both, "cpu").why
 
 
 def test_the_record_round_trips_and_survives_garbage(tmp_path):
@@ -115,6 +119,7 @@ def test_auto_probes_eagerly_then_compiles_when_the_record_says_it_pays(
     after = load_record(compiling.record_path(), machine_key(*KEY_ARGS))
     assert after.compiles == 2 and after.compiled_per_image not in (None, 0.1)  # re-measured
     assert after.eager_per_image not in (None, 1.0)
+    assert after.ratio == pytest.approx(after.compiled_per_image / after.eager_per_image)
     # every feature, the probe's batches included, comes from the compiled graph (eager + 1
     # here); the last batch of 2 was padded to its static batch of 4
     eager, _ = compute_features(backbone, _paths(tiny_demo, 42), _how(compile="never"))
