@@ -1,14 +1,15 @@
 """Whether ``torch.compile`` pays for an extraction, decided by measurement.
 
-``compute.compile: auto`` extracts the first batches eagerly (a probe: real work, nothing is
-thrown away), times their forward passes, and compiles for the rest only when the time the
-compiled graph would save on the images left exceeds what compiling costs. What compiling
-costs and how much faster the compiled graph runs come from this machine's record: every
-extraction notes its eager and compiled forward time per image and every compile its seconds
-(the first in an inductor cache "cold", later ones "warm": inductor reuses the cached
-kernels). The record lives inside inductor's own cache folder, so a wiped cache forgets its
-compile costs too. Where nothing is measured yet, the priors below (measured on 2-core CPUs,
-docs/figures.md) stand in.
+``compute.compile: auto`` extracts the first batches eagerly (a probe: real work), times the
+forward passes of all but the first two (the fastest counts), and compiles for the rest only
+when the time the compiled graph would save on the images left exceeds what compiling costs
+(the probe's images are then computed again by the compiled graph: see CompilePolicy).
+What compiling costs and how much faster the compiled graph runs come from this machine's
+record: every extraction notes its eager and compiled forward time per image and every
+compile its seconds (the first in an inductor cache "cold", later ones "warm": inductor
+reuses the cached kernels). The record lives inside inductor's own cache folder, so a wiped
+cache forgets its compile costs too. Where nothing is measured yet, the priors below
+(measured on 2-core CPUs, docs/figures.md) stand in.
 
 ``always`` compiles before the first batch, ``never`` never does; all three update the record.
 """
@@ -32,7 +33,9 @@ from pipeline.model.presets import normalize_batch
 
 log = logging.getLogger(__name__)
 
-PROBE_BATCHES = 3  # timed eager batches before deciding (after one untimed warm-up batch)
+PROBE_WARMUP = 2  # untimed eager batches first: the first ones run slower (kernel set-up)
+PROBE_BATCHES = 4  # timed eager batches before deciding; the fastest counts (a busy machine
+# only adds time)
 # Where this machine has measured nothing yet (docs/figures.md, "Speed on a CPU"):
 PRIOR_RATIO = 0.8  # compiled / eager forward time: 97-102 vs 78-83 img/s fp32, ~0.72 bf16
 PRIOR_COLD_SECONDS = {"cpu": 15.0, "cuda": 60.0}  # first compile: 11-17 s, 13.9 s on CPUs;
@@ -205,7 +208,7 @@ class CompilePolicy:
             self._compile()
         elif self.policy == "never":
             self.decision = "compute.compile=never"
-        elif self.images <= (1 + PROBE_BATCHES) * self.batch_size:
+        elif self.images <= (PROBE_WARMUP + PROBE_BATCHES) * self.batch_size:
             self.decision = f"eager: {self.images} images are no more than the probe"
         else:
             self._undecided = True
@@ -234,11 +237,11 @@ class CompilePolicy:
         if n == self.batch_size:
             if self.compiled:
                 self._fast.append(seconds / n)
-            elif self._batches > 1:  # the first eager batch sets up kernels: not timed
+            elif self._batches > PROBE_WARMUP:
                 self._eager.append(seconds / n)
         if self._undecided and len(self._eager) >= PROBE_BATCHES:
             self._undecided = False
-            d = decide(self.images - self._done, float(np.median(self._eager)),
+            d = decide(self.images - self._done, min(self._eager),
                        self._measured, self.device.type)
             self.decision = ("compiled: " if d.compile else "eager: ") + d.why
             log.info("torch.compile: %s", self.decision)
@@ -276,10 +279,11 @@ class CompilePolicy:
         if not self.note:
             return
         m = self._measured
+        # the fastest batch of each: steady speed, whatever else ran on the machine meanwhile
         if self._eager:
-            m.eager_per_image = float(np.median(self._eager))
+            m.eager_per_image = min(self._eager)
         if self._fast:
-            m.compiled_per_image = float(np.median(self._fast))
+            m.compiled_per_image = min(self._fast)
         if self._eager and self._fast:
             m.ratio = m.compiled_per_image / m.eager_per_image
         if self._eager or self._fast or self.compiled:

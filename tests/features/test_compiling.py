@@ -12,6 +12,7 @@ from pipeline.features.compiling import (
     PRIOR_RATIO,
     PRIOR_WARM_FRACTION,
     PROBE_BATCHES,
+    PROBE_WARMUP,
     Measured,
     decide,
     load_record,
@@ -167,7 +168,7 @@ def test_auto_does_not_probe_what_the_probe_would_cover(tiny_demo, backbone, mon
     calls = []
     monkeypatch.setattr(compiling, "compiled_backbone", _fake_compile(calls))
     _record(Measured(1.0, 0.1, 1e-6, 1e-6, 1))  # it would pay, were there images left
-    n = (1 + PROBE_BATCHES) * 4
+    n = (PROBE_WARMUP + PROBE_BATCHES) * 4
     _, stats = compute_features(backbone, _paths(tiny_demo, n), _how(compile="auto"))
     assert calls == [] and "no more than the probe" in stats["compile_decision"]
 
