@@ -122,13 +122,14 @@ def decide(images_left: int, eager_per_image: float, measured: Measured,
         ratio_from = "measured apart"
     else:
         ratio, ratio_from = PRIOR_RATIO, "prior"
-    cold = measured.cold_compile or PRIOR_COLD_SECONDS.get(device_type, 60.0)
-    if measured.compiles == 0:
-        cost, cost_from = cold, "cold, " + ("measured" if measured.cold_compile else "prior")
+    prior_cold = PRIOR_COLD_SECONDS.get(device_type, 60.0)
+    if measured.compiles == 0:  # nothing compiled in this cache yet (so nothing measured)
+        cost, cost_from = prior_cold, "cold, prior"
     elif measured.warm_compile:
         cost, cost_from = measured.warm_compile, "warm, measured"
-    else:
-        cost, cost_from = cold * PRIOR_WARM_FRACTION, "warm, prior"
+    else:  # compiled once, cold: a warm compile is a fraction of that
+        cost = (measured.cold_compile or prior_cold) * PRIOR_WARM_FRACTION
+        cost_from = "warm, prior"
     saving = images_left * eager_per_image * max(0.0, 1.0 - ratio)
     why = (f"compiling would save ~{saving:.1f} s on {images_left} images (eager "
            f"{eager_per_image * 1e3:.2f} ms an image, compiled x{ratio:.2f} {ratio_from}) "
