@@ -2,6 +2,7 @@
 pays; every extraction notes what it measured."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -108,14 +109,17 @@ def _record(measured: Measured) -> None:
 
 
 def test_auto_probes_eagerly_then_compiles_when_the_record_says_it_pays(
-        tiny_demo, backbone, monkeypatch):
+        tiny_demo, backbone, monkeypatch, caplog):
     calls = []
     monkeypatch.setattr(compiling, "compiled_backbone", _fake_compile(calls))
     # measured earlier on this machine: compiled runs 10x faster, a warm compile is instant
     _record(Measured(eager_per_image=1.0, compiled_per_image=0.1, cold_compile=1e-6,
                      warm_compile=1e-6, compiles=1))
-    feats, stats = compute_features(backbone, _paths(tiny_demo, 42), _how(compile="auto"))
+    with caplog.at_level(logging.INFO, logger="pipeline.features.compiling"):
+        feats, stats = compute_features(backbone, _paths(tiny_demo, 42), _how(compile="auto"))
     assert len(calls) == 1 and stats["compiled"]
+    # it decided after the untimed warm-up batches and the timed ones, not before
+    assert f"the probe's {(PROBE_WARMUP + PROBE_BATCHES) * 4} images" in caplog.text
     assert stats["compile_decision"].startswith("compiled: compiling would save")
     after = load_record(compiling.record_path(), machine_key(*KEY_ARGS))
     assert after.compiles == 2 and after.compiled_per_image not in (None, 0.1)  # re-measured
