@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,15 @@ def test_stages_are_thin():
         if path.stem not in ("__init__", "common"):
             assert ast.get_docstring(tree), f"{_rel(path)} says its inputs and outputs"
             assert len(path.read_text().splitlines()) <= 45, _rel(path)
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_evaluate_imports_no_torchvision_until_it_builds_a_backbone():
+    """Importing torchvision costs ~1.1 s a process (it imports torch._dynamo): `evaluate`
+    of a head-only experiment, whose features are all cached, builds no backbone and must
+    not pay it (pipeline/model/network.py)."""
+    code = ("import sys, stages.evaluate, pipeline.model.presets, pipeline.model.card; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,16 @@ class Extraction:
         """The extraction settings of ``compute`` on ``device``, at ``precision``."""
         return cls(image_size, precision, device, compute.feature_batch_size,
                    compute.num_workers, compute.compile)
+
+
+@dataclass(frozen=True)
+class LazyBackbone:
+    """A backbone known by the digest of its weights (what keys the cache), built only when
+    an image misses the cache: building one imports torchvision, ~1.1 s a process
+    (pipeline/model/network.py), which scoring features that are all cached need not pay."""
+
+    digest: str
+    build: Callable[[], nn.Module]
 
 
 def loader_options(num_workers: int, device: torch.device, *, persistent: bool = False
@@ -166,7 +176,7 @@ def _gathered(group: Group, todo: list[tuple[str, int]], mine: list[tuple[str, i
 
 
 def compute_features(
-    backbone: nn.Module,
+    backbone: nn.Module | LazyBackbone,
     paths: Sequence[Path],
     how: Extraction,
     *,
@@ -180,7 +190,8 @@ def compute_features(
     ``expected_digests``: the sha256 the manifest recorded for each path; an image whose
     bytes differ stops the run (the manifests, and so DVC's view of the data, are stale).
     ``backbone`` is the plain module (the cache key hashes its weights); extraction runs on
-    its :func:`inference_backbone` copy. ``group``: with several processes, each rank
+    its :func:`inference_backbone` copy; a :class:`LazyBackbone` is built only if this
+    process has images to compute. ``group``: with several processes, each rank
     computes every ``world_size``-th missing image and the ranks gather them (every rank
     returns all the features).
 
@@ -194,6 +205,8 @@ def compute_features(
     if group is not None:  # every rank has read the cache before any rank adds to it
         group.barrier()
     mine = todo if group is None else todo[group.rank :: group.world_size]
+    if isinstance(backbone, LazyBackbone) and mine:
+        backbone = backbone.build()
     run = _extract(backbone, [(d, paths[i]) for d, i in mine], how, store,
                    main=group is None or group.is_main)
     computed = run.features
@@ -230,15 +243,16 @@ def compute_features(
     return feats, stats
 
 
-def manifest_features(backbone: nn.Module, arch: str, root: Path, manifest: pd.DataFrame,
-                      how: Extraction, cache_dir: Path | None, group: Group | None = None
-                      ) -> tuple[np.ndarray, dict]:
+def manifest_features(backbone: nn.Module | LazyBackbone, arch: str, root: Path,
+                      manifest: pd.DataFrame, how: Extraction, cache_dir: Path | None,
+                      group: Group | None = None) -> tuple[np.ndarray, dict]:
     """[N,D] backbone features of a manifest's images (``root / path``), through the cache in
     ``cache_dir`` (None: no cache); each image is checked against the manifest's sha256."""
     store = None
     if cache_dir is not None:
-        key = cache_key(arch, state_digest(backbone), how.image_size, how.precision,
-                        how.device.type)
+        digest = (backbone.digest if isinstance(backbone, LazyBackbone)
+                  else state_digest(backbone))
+        key = cache_key(arch, digest, how.image_size, how.precision, how.device.type)
         store = FeatureStore(cache_dir, key)
     expected = manifest["sha256"].tolist() if "sha256" in manifest else None
     return compute_features(backbone, [root / p for p in manifest["path"]], how, store=store,

@@ -26,7 +26,7 @@ from pipeline.evaluation import (
 from pipeline.features.scoring import score_manifest
 from pipeline.handoffs import Manifest, Promotion, RunRef
 from pipeline.model.imaging import load_image
-from pipeline.model.pyfunc import load_network
+from pipeline.model.pyfunc import load_trained
 from pipeline.plots import (
     Misclassified,
     confusion_figure,
@@ -134,11 +134,11 @@ def evaluate_and_log(
     y_true = df["class_index"].to_numpy()
     with tracking.resume_run(run) as run_id:
         with tempfile.TemporaryDirectory() as tmp:
-            net, card = load_network(tracking.download_model(run.model_uri, Path(tmp)))
+            card, state = load_trained(tracking.download_model(run.model_uri, Path(tmp)))
         if list(card.classes) != classes:
             raise TrackingError(
                 "the logged model's classes differ from reports/sample.json: re-run train")
-        probs = score_manifest(net, card, data.root, df, compute, cache_dir)
+        probs = score_manifest(card, state, data.root, df, compute, cache_dir)
         y_pred = probs.argmax(1)
         metrics = classification_metrics(y_true, probs)
         per_class = per_class_report(y_true, y_pred, classes)

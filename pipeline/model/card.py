@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline.model.errors import ModelCardError
-from pipeline.model.network import FoodNet, HeadSpec, build_model
+from pipeline.model.network import FoodNet, Head, HeadSpec, build_model, feature_dim
 from pipeline.model.presets import Preprocessing
 
 CARD_FORMAT = 1
@@ -95,6 +95,15 @@ class ModelCard:
             net = build_model(self.arch, self.num_classes, self.head)
         net.load_state_dict(state, assign=True)
         return net.eval()
+
+    def build_head(self, state: dict[str, torch.Tensor]) -> Head:
+        """The trained head alone, from the whole network's state dict (strict on the
+        ``head.`` keys): what scoring cached features needs, without building a backbone."""
+        with torch.device("meta"):
+            head = Head(feature_dim(self.arch), self.num_classes, self.head)
+        head.load_state_dict({k[len("head."):]: v for k, v in state.items()
+                              if k.startswith("head.")}, assign=True)
+        return head.eval()
 
 
 _SCALARS = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}

@@ -1,15 +1,19 @@
 """The network: a torchvision backbone with ``fc`` removed, the reference head, and freezing.
 
 Change the head here (:class:`Head`); the model card records its settings (:class:`HeadSpec`).
+
+torchvision is imported where a backbone is built, not with this module: importing it costs
+about 1.1 s a process (it imports ``torch._dynamo``), which a stage that only runs the head
+on cached features (``evaluate`` in a head-only experiment) need not pay.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torchvision
 from torch import nn
 
 from pipeline.model.errors import WeightsError
@@ -58,10 +62,18 @@ class FoodNet(nn.Module):
         return self.head(self.backbone(x))
 
 
-def torchvision_builder(arch: str):
-    """torchvision's constructor for ``arch`` (one of :data:`FEATURE_DIM`)."""
+def feature_dim(arch: str) -> int:
+    """The width of ``arch``'s features (one of :data:`FEATURE_DIM`)."""
     if arch not in FEATURE_DIM:
         raise WeightsError(f"model.arch={arch!r}: supported: {', '.join(FEATURE_DIM)}")
+    return FEATURE_DIM[arch]
+
+
+def torchvision_builder(arch: str):
+    """torchvision's constructor for ``arch`` (one of :data:`FEATURE_DIM`)."""
+    feature_dim(arch)
+    import torchvision  # here, not at the top: see the module's docstring
+
     return getattr(torchvision.models, arch)
 
 
@@ -76,7 +88,7 @@ def build_model(arch: str, num_classes: int, head: HeadSpec,
                 backbone: nn.Module | None = None) -> FoodNet:
     """FoodNet with the given (or an empty random) backbone and a fresh head."""
     return FoodNet(backbone if backbone is not None else empty_backbone(arch),
-                   Head(FEATURE_DIM[arch], num_classes, head))
+                   Head(feature_dim(arch), num_classes, head))
 
 
 def frozen_modules(model: FoodNet, freeze: str) -> list[nn.Module]:
@@ -105,8 +117,20 @@ def set_train_mode(model: nn.Module, freeze: str | None = None) -> None:
 
 def state_digest(module: nn.Module) -> str:
     """sha256 over every parameter and buffer (names, dtypes, shapes, values)."""
+    return _tensors_digest(module.state_dict().items())
+
+
+def backbone_digest(state: dict[str, torch.Tensor]) -> str:
+    """:func:`state_digest` of the backbone of a :class:`FoodNet` whose state dict is
+    ``state``, without building it (the same digest: tested)."""
+    prefix = "backbone."
+    return _tensors_digest((k[len(prefix):], v) for k, v in state.items()
+                           if k.startswith(prefix))
+
+
+def _tensors_digest(items: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in items:
         t = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -13,11 +13,14 @@ of every logged model) was computed with the division.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +53,8 @@ class Preprocessing:
 
 def eval_resize_crop(image_size: int) -> v2.Compose:
     """The geometric half of the eval preset: PIL RGB -> PIL RGB of S x S."""
+    from torchvision.transforms import v2  # here: importing torchvision costs ~1.1 s (network.py)
+
     return v2.Compose(
         [
             v2.Resize(image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
@@ -85,6 +90,8 @@ def normalize_batch(pixels: np.ndarray | torch.Tensor,
 def train_resize_crop(image_size: int) -> v2.Compose:
     """The geometric half of the train preset (``train.augment``), torchvision's recipe shape:
     a random resized crop (50-100 % of the area, 3/4-4/3 aspect) and a horizontal flip."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),

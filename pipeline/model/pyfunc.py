@@ -156,6 +156,14 @@ def log_model(net: FoodNet, card: ModelCard, example_images: list[bytes],
 def load_network(model_dir: Path) -> tuple[FoodNet, ModelCard]:
     """The network and card of a model logged by :func:`log_model`, from its local folder
     (what ``mlflow.artifacts.download_artifacts`` of the model URI returns)."""
+    card, state = load_trained(model_dir)
+    return card.build_network(state), card
+
+
+def load_trained(model_dir: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """The card and state dict of a model logged by :func:`log_model`, from its local
+    folder (no network built: :func:`pipeline.features.scoring.score_manifest` builds only
+    what it needs)."""
     model_dir = Path(model_dir)
     flavor = mlflow.models.Model.load(model_dir).flavors.get("python_function", {})
     artifacts = flavor.get("artifacts", {})
@@ -167,7 +175,7 @@ def load_network(model_dir: Path) -> tuple[FoodNet, ModelCard]:
     card = ModelCard.read(model_dir / artifacts[CARD]["path"])
     state = torch.load(model_dir / artifacts[WEIGHTS]["path"], map_location="cpu",
                        weights_only=True)
-    return card.build_network(state), card
+    return card, state
 
 
 mlflow.models.set_model(FoodClassifier())

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.model.card import ModelCard
 from pipeline.model.errors import ModelCardError
-from pipeline.model.network import HeadSpec, build_model, state_digest
+from pipeline.model.network import HeadSpec, backbone_digest, build_model, state_digest
 from pipeline.model.presets import Preprocessing
 
 CARD = ModelCard(arch="resnet50", classes=("apple_pie", "bibimbap", "churros"), image_size=64,
@@ -54,3 +54,22 @@ def test_build_network_from_a_state_dict(backbone):
     with pytest.raises(RuntimeError, match="Missing key"):
         CARD.build_network({k: v for k, v in trained.state_dict().items()
                             if not k.startswith("head.")})
+
+
+def test_build_head_alone_from_the_whole_state_dict(backbone):
+    """What scoring cached features builds: the trained head, no backbone; and the backbone's
+    digest (the feature cache's key) read off the state dict equals the built backbone's."""
+    torch.manual_seed(1)
+    trained = build_model("resnet50", 3, CARD.head, backbone).eval()
+    state = trained.state_dict()
+    head = CARD.build_head(state)
+    assert not head.training
+    assert state_digest(head) == state_digest(trained.head)
+    x = torch.randn(4, 2048)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(x), trained.head(x), rtol=0, atol=0)
+    assert backbone_digest(state) == state_digest(trained.backbone)
+    assert backbone_digest(state) != backbone_digest(
+        {**state, "backbone.conv1.weight": state["backbone.conv1.weight"] + 1})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        CARD.build_head({k: v for k, v in state.items() if k != "head.1.weight"})

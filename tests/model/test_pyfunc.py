@@ -95,7 +95,7 @@ def test_a_fresh_isolated_process_predicts_what_the_evaluation_did(champion_stor
     # the same numbers as the evaluate job's scoring path, not just the same argmax
     net, card = champion_network(c, tmp_path)
     cpu = resolve_compute(ComputeConfig(device="cpu", num_workers=0))
-    probs = score_manifest(net, card, c.data.root, c.data.test.frame, cpu, None)
+    probs = score_manifest(card, net.state_dict(), c.data.root, c.data.test.frame, cpu, None)
     np.testing.assert_allclose(out["bytes"]["confidence"], probs.max(1), atol=1e-5)
     np.testing.assert_allclose(out["path"]["confidence"], out["bytes"]["confidence"],
                                atol=1e-6)
