@@ -45,9 +45,10 @@ plots: $(STAMP)
 	dvc plots show --html-template .cache/dvc-plots-offline.html -o dvc_plots
 
 # Speed figures (scripts/benchmark.py; docs/figures.md has them): extraction against the GEMM
-# ceiling, head epochs, the train stage against the naive approach, a head-only `dvc exp
-# run` (left applied to the workspace), and a first `dvc repro` step by step in a scratch
-# clone (scripts/run_breakdown.py). About 8 minutes on 2 CPU cores, after `make run`.
+# ceiling, head epochs, the train stage against the naive approach, three head-only `dvc exp
+# run`s (the last left applied to the workspace) and a queued sweep of 8 (`dvc queue start
+# -j 2`), and a first `dvc repro` step by step in a scratch clone (scripts/run_breakdown.py).
+# About 11 minutes on 2 CPU cores, after `make run`.
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py
 

@@ -12,9 +12,14 @@
    the frozen backbone recomputed every epoch (fp32, eager, batch 64, the reference head)
    timed on --naive-images of the same images; its cost per image is constant, so the naive
    time at 10 epochs is 10 x the sample x that cost (--skip-naive to omit);
-5. wall time of `dvc exp run -S train.lr=0.001` after a full run (set --skip-exp to omit).
-   Like any `dvc exp run`, it leaves that experiment applied to the workspace:
-   `git checkout params.yaml && dvc repro` returns to the committed parameters;
+5. fast iteration (issue 17's point 6; --skip-exp to omit): three warm head-only
+   `dvc exp run -S train.lr=…` in a row after a full run, and their median; then a sweep of
+   --sweep values (8) queued with `dvc exp run --queue -S train.lr=…` and run with
+   `dvc queue start -j 2`: its total time, how its tasks ended, whether every version it
+   registered was decided, and the champion. Every learning rate is new (a random last
+   digit), so no run comes back from DVC's run-cache. Like any `dvc exp run`, the three
+   runs leave the last experiment applied to the workspace: `git checkout params.yaml &&
+   dvc repro` returns to the committed parameters (queued runs leave the workspace alone);
 6. where a first `dvc repro` of the default run spends its time, step by step, and the share
    that is not a forward pass (scripts/run_breakdown.py, in a scratch clone from nothing;
    --skip-breakdown to omit).
@@ -23,7 +28,7 @@ Extraction's share of the ceiling is given twice: for the whole loop (decoding t
 the same cores included) and for the forward passes alone.
 
     .venv/bin/python scripts/benchmark.py [--images N] [--eager-images 960] [--skip-exp]
-                                          [--naive-images 320] [--skip-naive]
+                                          [--sweep 8] [--naive-images 320] [--skip-naive]
                                           [--skip-breakdown]
 """
 
@@ -65,6 +70,7 @@ from pipeline.training import LabeledImages, TrainData, TrainJob, train_model  #
 
 ROOT = Path(__file__).resolve().parents[1]
 NAIVE_EPOCHS = 10
+HEAD_ONLY_RUNS = 3
 
 
 def gemm_gflops(precision: str, n: int = 2048, repeats: int = 10) -> float:
@@ -167,6 +173,80 @@ def extraction(params, paths: list[Path], precision: str, compile: str) -> dict:
     }
 
 
+def _new_lrs(n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` learning rates around the default, each with a random last digit: values no
+    earlier run used, so DVC's run-cache restores none of them."""
+    return [f"{0.001 * (k + 1) + 1e-6 * int(rng.integers(1, 1000)):.6f}" for k in range(n)]
+
+
+def _dvc(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def head_only_runs(lrs: list[str], env: dict[str, str]) -> dict:
+    """Wall seconds of a warm head-only `dvc exp run -S train.lr=…` per value, in a row, and
+    whether each promoted its model (then `predict` loads the new champion: ~4 s more)."""
+    seconds, promoted, ok = [], [], True
+    for lr in lrs:
+        t0 = time.perf_counter()
+        proc = _dvc("exp", "run", "-S", f"train.lr={lr}", env=env)
+        seconds.append(round(time.perf_counter() - t0, 1))
+        if proc.returncode:
+            ok = False
+            print(proc.stderr[-3000:], file=sys.stderr)
+        promoted.append(bool(json.loads((ROOT / handoffs.PROMOTION).read_text())["promoted"])
+                        if not proc.returncode else None)
+    return {"head_only_lrs": lrs, "head_only_s": seconds, "head_only_promoted": promoted,
+            "head_only_ok": ok, "head_only_median_s": float(np.median(seconds))}
+
+
+def sweep(lrs: list[str], model_name: str, env: dict[str, str]) -> dict:
+    """The values queued (`dvc exp run --queue`), then run by `dvc queue start -j 2`: total
+    seconds until the queue has nothing queued or running, each task's end, and the registry
+    afterwards (every version the sweep registered decided; which one is champion)."""
+    from dvc.repo import Repo  # DVC's own API for the queue's state (`dvc queue status`)
+
+    from pipeline.runs import registry
+
+    def queue_status() -> list[dict]:
+        with Repo(str(ROOT)) as repo:
+            return repo.experiments.celery_queue.status()
+
+    before = {e["rev"] for e in queue_status()}
+    known = {v["version"] for v in registry.list_versions(model_name)}
+    for lr in lrs:
+        proc = _dvc("exp", "run", "--queue", "-S", f"train.lr={lr}", env=env)
+        if proc.returncode:
+            raise SystemExit(f"could not queue train.lr={lr}: {proc.stderr[-2000:]}")
+    t0 = time.perf_counter()
+    proc = _dvc("queue", "start", "-j", "2", env=env)
+    if proc.returncode:
+        raise SystemExit(f"dvc queue start -j 2 failed: {proc.stderr[-2000:]}")
+    deadline = t0 + 60 * 60
+    while True:
+        mine = [e for e in queue_status() if e["rev"] not in before]
+        if mine and all(e["status"] not in ("Queued", "Running") for e in mine):
+            break
+        if time.perf_counter() > deadline:
+            raise SystemExit("the sweep did not finish within an hour: see `dvc queue status`")
+        time.sleep(1)
+    seconds = time.perf_counter() - t0
+    versions = [v for v in registry.list_versions(model_name) if v["version"] not in known]
+    champions = [v["version"] for v in registry.list_versions(model_name)
+                 if "champion" in v["aliases"]]
+    return {
+        "sweep_lrs": lrs,
+        "sweep_s": round(seconds, 1),
+        "sweep_tasks": {s: sum(e["status"] == s for e in mine)
+                        for s in sorted({e["status"] for e in mine})},
+        "sweep_new_versions": len(versions),
+        "sweep_versions_decided": sum(v["promotion"] in ("promoted", "rejected")
+                                      for v in versions),
+        "sweep_promoted": sorted(v["version"] for v in versions if v["promotion"] == "promoted"),
+        "champion_versions": champions,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=0,
@@ -174,7 +254,10 @@ def main() -> None:
     ap.add_argument("--eager-images", type=int, default=960,
                     help="images for the eager (compute.compile=never) comparison; 0 skips it")
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--skip-exp", action="store_true")
+    ap.add_argument("--skip-exp", action="store_true",
+                    help="omit the head-only runs and the sweep")
+    ap.add_argument("--sweep", type=int, default=8,
+                    help="head-only values in the queued sweep (0 omits it)")
     ap.add_argument("--naive-images", type=int, default=320,
                     help="images for the naive recompute-every-epoch timing")
     ap.add_argument("--skip-naive", action="store_true")
@@ -239,15 +322,13 @@ def main() -> None:
         print(json.dumps(out, indent=2), flush=True)
 
     if not args.skip_exp:
-        t0 = time.perf_counter()
         venv_bin = str(Path(sys.executable).parent)
         env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
-        proc = subprocess.run(["dvc", "exp", "run", "-S", "train.lr=0.001"],
-                              capture_output=True, text=True, env=env)
-        out["dvc_exp_run_lr_s"] = round(time.perf_counter() - t0, 1)
-        out["dvc_exp_run_ok"] = proc.returncode == 0
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        rng = np.random.default_rng()
+        out.update(head_only_runs(_new_lrs(HEAD_ONLY_RUNS, rng), env))
+        print(json.dumps(out, indent=2), flush=True)
+        if args.sweep:
+            out.update(sweep(_new_lrs(args.sweep, rng), params.registry.model_name, env))
     print(json.dumps(out, indent=2), flush=True)
 
     if not args.skip_breakdown:
