@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,18 @@ def test_the_child_is_this_file_run_by_path(monkeypatch, mlflow_store, tmp_path)
     (args, cwd), = started
     assert args == [sys.executable, "-I", run_model.__file__]
     assert cwd != str(tmp_path) and "food101-predict-" in cwd
+
+
+def test_a_local_version_is_loaded_from_its_folder(champion_store, monkeypatch):
+    """The child opens no store for a version of a local one: it gets the folder that the
+    version's ``models:/`` URI resolves to. Aliases, versions that do not exist and servers
+    go through as they are (the child resolves them, or says what is missing)."""
+    c = champion_store
+    version = c.evaluated.decision.version
+    folder = run_model.load_uri(f"models:/{c.name}/{version}")
+    assert folder.startswith("file://")
+    assert (Path(folder.removeprefix("file://")) / "MLmodel").is_file()
+    for uri in (f"models:/{c.name}@champion", f"models:/{c.name}/999", "runs:/abc/model"):
+        assert run_model.load_uri(uri) == uri
+    monkeypatch.setattr(run_model, "is_local_store", lambda: False)  # a tracking server
+    assert run_model.load_uri(f"models:/{c.name}/{version}") == f"models:/{c.name}/{version}"
