@@ -4,9 +4,9 @@
    train stage runs it: the precision `train.precision` resolves to, compiled or not as
    `compute.compile` decides; and the eager path on a subset for comparison;
 2. seconds per head epoch on the cached features of the full train split;
-3. the machine's GEMM ceiling at the precision in use (a square matmul, best of 10) and
-   extraction as a fraction of it, from the backbone's FLOPs per image (torch's
-   FlopCounterMode at data.image_size);
+3. the machine's GEMM ceiling at the precision in use (square matmuls of 1024-2048, the
+   best of 1.5 s of repeats at each size) and extraction as a fraction of it, from the
+   backbone's FLOPs per image (torch's FlopCounterMode at data.image_size);
 4. against the naive approach: the `train` stage's own command at 10 epochs from an empty
    feature cache (in a scratch copy: its own MLflow store, the workspace untouched) against
    the frozen backbone recomputed every epoch (fp32, eager, batch 64, the reference head)
@@ -73,18 +73,26 @@ NAIVE_EPOCHS = 10
 HEAD_ONLY_RUNS = 3
 
 
-def gemm_gflops(precision: str, n: int = 2048, repeats: int = 10) -> float:
-    """The machine's matrix-multiply ceiling at ``precision`` (GFLOP/s of an n x n matmul,
-    the best of ``repeats``): what a convolution lowers to, at most."""
+def gemm_gflops(precision: str, sizes: tuple[int, ...] = (1024, 1536, 2048),
+                seconds: float = 1.5) -> float:
+    """The machine's matrix-multiply ceiling at ``precision``: the best GFLOP/s of square
+    matmuls of each size, repeated for ``seconds`` each, into a preallocated output (no
+    allocation or page faults timed). What a convolution lowers to, at most: a forward pass
+    measured above this ceiling would say the ceiling was measured too low (as a 2048² matmul
+    best of 10 did once: 838 GFLOP/s against a forward pass at 859; on 2 cores with bf16,
+    1024-1536 reached ~1,015 where 2048 gave 947-975 and 4096 816)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)  # warm-up: thread pool, kernel selection
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        c = torch.empty(n, n, dtype=dtype)
+        torch.matmul(a, b, out=c)  # warm-up: thread pool, kernel selection
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            torch.matmul(a, b, out=c)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def gflop_per_image(arch: str, image_size: int) -> float:
