@@ -202,8 +202,8 @@ def head_only_runs(lrs: list[str], env: dict[str, str]) -> dict:
         if proc.returncode:
             ok = False
             print(proc.stderr[-3000:], file=sys.stderr)
-        promoted.append(bool(json.loads((ROOT / handoffs.PROMOTION).read_text())["promoted"])
-                        if not proc.returncode else None)
+        promoted.append(None if proc.returncode else
+                        handoffs.Promotion.read(ROOT / handoffs.PROMOTION).promoted)
     return {"head_only_lrs": lrs, "head_only_s": seconds, "head_only_promoted": promoted,
             "head_only_ok": ok, "head_only_median_s": float(np.median(seconds))}
 
@@ -239,9 +239,9 @@ def sweep(lrs: list[str], model_name: str, env: dict[str, str]) -> dict:
             raise SystemExit("the sweep did not finish within an hour: see `dvc queue status`")
         time.sleep(1)
     seconds = time.perf_counter() - t0
-    versions = [v for v in registry.list_versions(model_name) if v["version"] not in known]
-    champions = [v["version"] for v in registry.list_versions(model_name)
-                 if "champion" in v["aliases"]]
+    after = registry.list_versions(model_name)
+    versions = [v for v in after if v["version"] not in known]
+    champions = [v["version"] for v in after if "champion" in v["aliases"]]
     return {
         "sweep_lrs": lrs,
         "sweep_s": round(seconds, 1),
