@@ -106,8 +106,14 @@ def champion_scorer(root: Path, test: pd.DataFrame, batch_size: int) -> Callable
 
     def score(model_uri: str) -> float:
         labels = run_model.predict_files(model_uri, paths, batch_size,
-                                         desc="re-score champion")["label"]
-        return labels_accuracy(labels.tolist(), test["label"].tolist())
+                                         desc="re-score champion")["label"].tolist()
+        truth = test["label"].tolist()
+        if labels and not set(labels) & set(truth):  # a 0 that would otherwise read as a bug
+            log.warning("the champion (%s) gave none of the %d test images a label among "
+                        "their %d classes, as a model trained on other classes does: it "
+                        "scores 0 on this test manifest", model_uri, len(truth),
+                        len(set(truth)))
+        return labels_accuracy(labels, truth)
 
     return score
 

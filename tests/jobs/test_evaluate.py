@@ -119,6 +119,31 @@ def test_labels_accuracy_compares_with_the_truth():
     assert labels_accuracy([], []) == 0.0
 
 
+def test_a_champion_of_other_classes_is_said_to_score_0_for_that_reason(
+        tmp_path, monkeypatch, caplog):
+    """The gate's re-score of a champion that knows none of the manifest's classes (the demo's
+    champion against real Food-101 photos) says why it scores 0; one that knows them does
+    not."""
+    from pipeline.jobs import evaluate as job
+
+    test = pd.DataFrame({"path": ["a.jpg", "b.jpg", "c.jpg"],
+                         "label": ["apple_pie", "sushi", "sushi"]})
+    predicted: list[str] = []
+    monkeypatch.setattr(job.run_model, "predict_files",
+                        lambda uri, paths, batch, desc: pd.DataFrame({"label": predicted}))
+    score = job.champion_scorer(tmp_path, test, 8)
+    predicted[:] = ["striped_green_disc", "solid_red_star", "striped_green_disc"]
+    with caplog.at_level("WARNING", logger=job.__name__):
+        assert score("models:/m/1") == 0.0
+    assert ("the champion (models:/m/1) gave none of the 3 test images a label among their "
+            "2 classes") in caplog.text
+    caplog.clear()
+    predicted[:] = ["sushi", "apple_pie", "striped_green_disc"]  # knows them, 0 right
+    with caplog.at_level("WARNING", logger=job.__name__):
+        assert score("models:/m/1") == 0.0
+    assert caplog.text == ""
+
+
 @pytest.mark.slow  # a fresh process per champion scored (the predict job's test has one too)
 @pytest.mark.parametrize("legacy", [False, True], ids=["model-package", "old-code"])
 def test_the_gate_re_scores_a_champion_of_another_manifest_with_its_own_code(
