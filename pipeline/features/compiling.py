@@ -7,7 +7,10 @@ when the time the compiled graph would save on the images left exceeds what comp
 What compiling costs and how much faster the compiled graph runs come from this machine's
 record: every extraction notes its eager and compiled forward time per image and every
 compile its seconds (the first in an inductor cache "cold", later ones "warm": inductor
-reuses the cached kernels). The record lives inside inductor's own cache folder, so a wiped
+reuses the cached kernels). Inductor builds its C++ kernels once more in every Python
+environment (their key holds the compiler's command line, whose include paths name the venv),
+so the record notes which environments have compiled, and the first compile in another one
+apart from the warm ones. The record lives inside inductor's own cache folder, so a wiped
 cache forgets its compile costs too. Where nothing is measured yet, the priors below
 (measured on 2-core CPUs, docs/figures.md) stand in.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +46,7 @@ PRIOR_COLD_SECONDS = {"cpu": 15.0, "cuda": 60.0}  # first compile: 11-17 s, 13.9
 # on a GPU not measured yet (scripts/gpu_check.sh), so a cautious guess
 PRIOR_WARM_FRACTION = 0.3  # a warm compile / a cold one: 3-5 of 11-17 s, 3.3-4.0 of 13.9 s
 RECORD_NAME = "food101-pipeline-compile.json"
+ENVIRONMENTS_KEPT = 32  # the Python environments a record remembers (the latest ones)
 
 
 def machine_key(device: torch.device, precision: str, image_size: int, batch_size: int) -> str:
@@ -76,6 +81,34 @@ class Measured:
     # compiled / eager, both timed in one extraction (an auto one that compiled after its
     # probe): the same load on the machine, unlike the two per-image figures from different runs
     ratio: float | None = None
+    # the Python environments (sys.prefix) that have compiled, and the last first compile in
+    # one of them after the cache was no longer cold: inductor builds its C++ kernels again
+    # per environment (8-10 s against a warm 3-4 s on 2 cores), so that compile is not warm.
+    # A record from before these were kept has no environments: its compiles count as warm.
+    environments: list[str] = field(default_factory=list)
+    new_environment_compile: float | None = None
+
+    def compiled_here(self, environment: str) -> bool:
+        """Whether ``environment`` has compiled (any, for a record that does not know)."""
+        return not self.environments or environment in self.environments
+
+    def note_compile(self, seconds: float, environment: str) -> None:
+        """A compile of ``seconds`` in ``environment``: cold (the cache's first), warm (in an
+        environment that had compiled), or the first in a new environment."""
+        if self.compiles == 0:
+            self.cold_compile = seconds
+        elif self.compiled_here(environment):
+            self.warm_compile = seconds
+        else:
+            self.new_environment_compile = seconds
+        self.environments = [e for e in self.environments if e != environment][
+            -(ENVIRONMENTS_KEPT - 1):] + [environment]
+        self.compiles += 1
+
+
+def python_environment() -> str:
+    """The Python environment this process runs in (a venv's folder)."""
+    return sys.prefix
 
 
 def load_record(path: Path, key: str) -> Measured:
@@ -113,8 +146,12 @@ class Decision:
 
 
 def decide(images_left: int, eager_per_image: float, measured: Measured,
-           device_type: str) -> Decision:
-    """Compile when the expected saving on ``images_left`` exceeds the expected cost."""
+           device_type: str, env: str | None = None) -> Decision:
+    """Compile when the expected saving on ``images_left`` exceeds the expected cost.
+
+    ``env``: the Python environment that would compile (default: this one); one that has not
+    compiled yet costs what such a first compile cost, where that was measured."""
+    env = env or python_environment()
     if measured.ratio:
         ratio, ratio_from = measured.ratio, "measured"
     elif measured.eager_per_image and measured.compiled_per_image:
@@ -125,11 +162,15 @@ def decide(images_left: int, eager_per_image: float, measured: Measured,
     prior_cold = PRIOR_COLD_SECONDS.get(device_type, 60.0)
     if measured.compiles == 0:  # nothing compiled in this cache yet (so nothing measured)
         cost, cost_from = prior_cold, "cold, prior"
-    elif measured.warm_compile:
+    elif not measured.compiled_here(env) and measured.new_environment_compile:
+        cost, cost_from = measured.new_environment_compile, "measured"
+    elif measured.warm_compile:  # in a new environment too, until such a compile is timed
         cost, cost_from = measured.warm_compile, "warm, measured"
     else:  # compiled once, cold: a warm compile is a fraction of that
         cost = (measured.cold_compile or prior_cold) * PRIOR_WARM_FRACTION
         cost_from = "warm, prior"
+    if measured.compiles and not measured.compiled_here(env):
+        cost_from += "; the first in this Python environment"
     saving = images_left * eager_per_image * max(0.0, 1.0 - ratio)
     why = (f"compiling would save ~{saving:.1f} s on {images_left} images (eager "
            f"{eager_per_image * 1e3:.2f} ms an image, compiled x{ratio:.2f} {ratio_from}) "
@@ -268,12 +309,7 @@ class CompilePolicy:
             self.decision += " (compiling failed: eager)"
         else:
             self.model, self.compiled = faster, True
-            m = self._measured
-            if m.compiles == 0:
-                m.cold_compile = self.compile_seconds
-            else:
-                m.warm_compile = self.compile_seconds
-            m.compiles += 1
+            self._measured.note_compile(self.compile_seconds, python_environment())
 
     def finish(self) -> None:
         """Note what this extraction measured in the machine's record."""

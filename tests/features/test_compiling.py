@@ -3,12 +3,14 @@ pays; every extraction notes what it measured."""
 
 import json
 import logging
+import sys
 
 import pytest
 import torch
 
 import pipeline.features.compiling as compiling
 from pipeline.features.compiling import (
+    ENVIRONMENTS_KEPT,
     PRIOR_COLD_SECONDS,
     PRIOR_RATIO,
     PRIOR_WARM_FRACTION,
@@ -69,6 +71,47 @@ def test_measurements_replace_the_priors():
     both = Measured(0.004, 0.001, 14.0, 3.5, 2, ratio=0.75)
     assert decide(10_000, 0.004, both, "cpu").saving == pytest.approx(10.0)
     assert "x0.75 measured" in decide(10_000, 0.004, both, "cpu").why
+
+
+def test_a_new_python_environment_is_costed_apart_and_leaves_the_warm_cost_alone(tmp_path):
+    """Inductor builds its kernels again in every venv: that first compile is noted apart,
+    so it neither passes for a warm one nor is taken for one elsewhere."""
+    m = Measured()
+    m.note_compile(14.0, "/venv-a")  # the cache's first: cold
+    m.note_compile(9.0, "/venv-b")  # the first in venv b
+    assert (m.cold_compile, m.warm_compile, m.new_environment_compile) == (14.0, None, 9.0)
+    m.note_compile(3.5, "/venv-b")  # b again: warm
+    m.note_compile(8.0, "/venv-c")
+    assert (m.warm_compile, m.new_environment_compile, m.compiles) == (3.5, 8.0, 4)
+    assert m.environments == ["/venv-a", "/venv-b", "/venv-c"]
+    m.note_compile(3.4, "/venv-a")  # a again: warm, and now the latest
+    assert m.environments == ["/venv-b", "/venv-c", "/venv-a"] and m.warm_compile == 3.4
+
+    here = decide(10_000, 0.004, m, "cpu", env="/venv-b")
+    assert here.cost == 3.4 and here.why.endswith("(warm, measured)")
+    new = decide(10_000, 0.004, m, "cpu", env="/venv-d")
+    assert new.cost == 8.0 and new.why.endswith("(measured; the first in this Python "
+                                                 "environment)")
+    path = tmp_path / "record.json"
+    save_record(path, "k", m)
+    assert load_record(path, "k") == m
+    # a record from before environments were kept: its compiles count as warm anywhere
+    old = Measured(0.004, 0.003, 14.0, 3.5, 2)
+    assert decide(10_000, 0.004, old, "cpu", env="/venv-d").why.endswith("(warm, measured)")
+    old.note_compile(9.0, "/venv-d")
+    assert old.warm_compile == 9.0 and old.environments == ["/venv-d"]
+    # without a timed first compile elsewhere, a new one is costed as warm, and says so
+    fresh = Measured(cold_compile=14.0, warm_compile=3.5, compiles=2, environments=["/a"])
+    assert decide(10_000, 0.004, fresh, "cpu", env="/b").why.endswith(
+        "(warm, measured; the first in this Python environment)")
+
+
+def test_the_record_remembers_the_latest_environments():
+    m = Measured(compiles=1)
+    for i in range(ENVIRONMENTS_KEPT + 5):
+        m.note_compile(1.0, f"/venv-{i}")
+    assert len(m.environments) == ENVIRONMENTS_KEPT
+    assert m.environments[-1] == f"/venv-{ENVIRONMENTS_KEPT + 4}"
 
 
 def test_the_record_round_trips_and_survives_garbage(tmp_path):
@@ -187,3 +230,4 @@ def test_always_compiles_first_and_notes_a_cold_then_a_warm_compile(
     after = load_record(compiling.record_path(), machine_key(*KEY_ARGS))
     assert len(calls) == 2 and after.compiles == 2
     assert after.cold_compile is not None and after.warm_compile is not None
+    assert after.environments == [sys.prefix]  # both in this interpreter's environment
