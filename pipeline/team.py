@@ -13,6 +13,7 @@ to run as root, so as root they run as the unprivileged user ``nobody``. Everyth
 the data folder (git-ignored) and survives a restart:
 
     <data>/postgres/      the database cluster (owned by nobody when started as root)
+    <data>/pginstall/     as root, a copy of PostgreSQL where nobody cannot reach the venv's
     <data>/artifacts/     what clients upload through the server (proxied artifacts)
     <data>/auth/          basic-auth: the secret key, the admin password (mode 0600), users
     <data>/mlflow.log     the MLflow server's log
@@ -49,9 +50,9 @@ class TeamServerError(PipelineError):
     """The team server could not be started or stopped; the message says why."""
 
 
-def _pg_bin(name: str) -> str:
-    """A PostgreSQL binary of the ``pgserver`` wheel (found, not imported: its module would
-    start servers of its own)."""
+def _pg_install() -> Path:
+    """The PostgreSQL installation of the ``pgserver`` wheel (found, not imported: its module
+    would start servers of its own)."""
     import importlib.util
 
     spec = importlib.util.find_spec("pgserver")
@@ -59,7 +60,41 @@ def _pg_bin(name: str) -> str:
         raise TeamServerError(
             "PostgreSQL is not installed: `.venv/bin/pip install -e '.[team]'` (the Makefile's "
             "`make server` does it)")
-    return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+
+
+def _pg_bin(name: str, data: Path | None = None) -> str:
+    """A PostgreSQL binary. One that ``nobody`` runs (as root: pass the data folder) must be
+    reachable by it; where the venv is not (a clone under /root, mode 0700), it runs from a
+    copy of the installation in ``<data>/pginstall``."""
+    install = _pg_install()
+    if data is not None and os.geteuid() == 0 and _unreachable(install / "bin" / name):
+        install = _copied_install(install, data)
+    return str(install / "bin" / name)
+
+
+def _copied_install(source: Path, data: Path) -> Path:
+    """A copy of the installation ``source`` (``…/pgserver/pginstall``) under
+    ``<data>/pginstall``, copied again when ``source`` changes. The layout is kept: PostgreSQL
+    finds its libraries and share files relative to its binaries, and the wheel's binaries
+    find their bundled libraries in ``pgserver.libs`` beside the package (rpath
+    ``$ORIGIN/../../../pgserver.libs``)."""
+    root = data / "pginstall"
+    stamp = f"{source} {(source / 'bin' / 'postgres').stat().st_mtime_ns}"
+    installed = root / "pgserver" / "pginstall"
+    if (root / ".copied-from").is_file() and (root / ".copied-from").read_text() == stamp:
+        return installed
+    tmp = data / f".pginstall.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(source / part, tmp / "pgserver" / "pginstall" / part, symlinks=True)
+    libs = source.parent.parent / "pgserver.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, tmp / "pgserver.libs", symlinks=True)
+    (tmp / ".copied-from").write_text(stamp)
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return installed
 
 
 def _as_postgres_user(cmd: list[str]) -> list[str]:
@@ -74,14 +109,22 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
     return cmd
 
 
+def _unreachable(path: Path) -> Path | None:
+    """The first folder above ``path`` that other users (``nobody``) may not enter, if any."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            return parent
+    return None
+
+
 def _check_reachable(data: Path) -> None:
     """As root, PostgreSQL runs as ``nobody``, which must be able to walk down to ``data``."""
-    for parent in reversed(data.parents):
-        if parent.exists() and not parent.stat().st_mode & 0o001:
-            raise TeamServerError(
-                f"{parent} is not reachable by the user {UNPRIVILEGED!r} that PostgreSQL runs "
-                f"as (root may not run it): `chmod o+x {parent}`, or choose a data folder "
-                "whose parents are (TEAM_DIR=...)")
+    parent = _unreachable(data)
+    if parent is not None:
+        raise TeamServerError(
+            f"{parent} is not reachable by the user {UNPRIVILEGED!r} that PostgreSQL runs "
+            f"as (root may not run it): `chmod o+x {parent}`, or choose a data folder "
+            "whose parents are (TEAM_DIR=...)")
 
 
 def _free_port() -> int:
@@ -158,7 +201,7 @@ def start(data: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
         os.chown(pgdata, nobody.pw_uid, nobody.pw_gid)
         os.chmod(data, 0o755)  # nobody must reach its data folder
     if not (pgdata / "PG_VERSION").is_file():
-        init = subprocess.run(_as_postgres_user([_pg_bin("initdb"), "-D", str(pgdata), "-U",
+        init = subprocess.run(_as_postgres_user([_pg_bin("initdb", data), "-D", str(pgdata), "-U",
                                                  "postgres", "--auth=trust", "-E", "UTF8",
                                                  "--no-instructions"]),
                               capture_output=True, text=True)
@@ -167,7 +210,7 @@ def start(data: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     options = (f"-p {pg_port} -c listen_addresses=127.0.0.1 "
                f"-c unix_socket_directories={pgdata}")
     started = time.monotonic()
-    proc = subprocess.run(_as_postgres_user([_pg_bin("pg_ctl"), "-D", str(pgdata), "-l",
+    proc = subprocess.run(_as_postgres_user([_pg_bin("pg_ctl", data), "-D", str(pgdata), "-l",
                                              str(pgdata / "postgres.log"), "-o", options,
                                              "-w", "-t", str(int(START_TIMEOUT)), "start"]),
                           capture_output=True, text=True)
@@ -230,7 +273,7 @@ def stop(data: Path) -> bool:
     pgdata = data / "postgres"
     if (pgdata / "postmaster.pid").is_file():
         ran = True
-        subprocess.run(_as_postgres_user([_pg_bin("pg_ctl"), "-D", str(pgdata), "-m", "fast",
+        subprocess.run(_as_postgres_user([_pg_bin("pg_ctl", data), "-D", str(pgdata), "-m", "fast",
                                           "-w", "stop"]), capture_output=True, text=True)
     (data / "server.json").unlink(missing_ok=True)
     return ran

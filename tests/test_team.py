@@ -494,6 +494,47 @@ def test_runuser_is_found_on_a_minimal_path(monkeypatch):
     if os.geteuid() != 0:
         pytest.skip("only root hands PostgreSQL to another user")
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    cmd = team._as_postgres_user([team._pg_bin("postgres"), "--version"])
-    assert Path(cmd[0]).name == "runuser" and Path(cmd[0]).is_file()
-    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    folder = _data_folder()  # where nobody can reach the binary, wherever the venv is
+    try:
+        cmd = team._as_postgres_user([team._pg_bin("postgres", folder), "--version"])
+        assert Path(cmd[0]).name == "runuser" and Path(cmd[0]).is_file()
+        assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_postgres_runs_from_a_copy_where_nobody_cannot_reach_the_venv(tmp_path, monkeypatch):
+    """A clone under a folder of mode 0700 (root's home, `mktemp -d`): `nobody` cannot run
+    the venv's PostgreSQL, so it runs a copy in the data folder, which initdb works from."""
+    if os.geteuid() != 0:
+        pytest.skip("only root hands PostgreSQL to another user")
+    site = tmp_path / "site-packages"  # pytest's folders are mode 0700
+    hidden = site / "pgserver" / "pginstall"
+    shutil.copytree(team._pg_install(), hidden, symlinks=True,
+                    ignore=shutil.ignore_patterns("include"))
+    libs = team._pg_install().parent.parent / "pgserver.libs"  # the wheel's bundled libraries
+    if libs.is_dir():
+        shutil.copytree(libs, site / "pgserver.libs", symlinks=True)
+    monkeypatch.setattr(team, "_pg_install", lambda: hidden)
+    folder = _data_folder()
+    try:
+        as_is = team._as_postgres_user([team._pg_bin("postgres"), "--version"])
+        assert subprocess.run(as_is, capture_output=True).returncode != 0  # Permission denied
+        initdb = team._pg_bin("initdb", folder)
+        assert initdb.startswith(str(folder / "pginstall")) and Path(initdb).name == "initdb"
+        stamp = (folder / "pginstall" / ".copied-from").read_text()
+        assert team._pg_bin("pg_ctl", folder).startswith(str(folder / "pginstall"))
+        assert (folder / "pginstall" / ".copied-from").read_text() == stamp  # not copied again
+        pgdata = folder / "postgres"
+        pgdata.mkdir()
+        import pwd
+
+        nobody = pwd.getpwnam(team.UNPRIVILEGED)
+        os.chown(pgdata, nobody.pw_uid, nobody.pw_gid)
+        init = subprocess.run(team._as_postgres_user([initdb, "-D", str(pgdata), "-U",
+                                                      "postgres", "--no-instructions"]),
+                              capture_output=True, text=True)
+        assert init.returncode == 0, init.stderr  # it found its share files beside it
+        assert (pgdata / "PG_VERSION").is_file()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
